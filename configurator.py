@@ -1,0 +1,117 @@
+"""
+Settings from the command line, applied to a script's globals (nanoGPT's "poor man's configurator", stricter).
+
+    python train.py configs/tiny.py --batch_size=32 --compile=False
+
+Each argument is either a config file (a .py file of plain assignments, executed) or --key=value, applied left to
+right. A setting is any global of the calling script whose name does not start with "_" and whose value is a
+bool, int, float, str, tuple, list or None. Values are Python literals (ast.literal_eval), else taken as strings;
+the type must match the default's (an int is accepted for a float; a bool only from True/False).
+
+The calling script does:
+    from configurator import configure
+    configure(globals(), sys.argv[1:])
+Mistakes end the program with one line naming the problem and the fix, exit code 2.
+"""
+
+import ast
+import difflib
+import os
+import sys
+
+SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+def settings_of(g):
+    """The names in g that count as settings."""
+    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)]
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def unknown(key, known, where):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean --{close[0]}?" if close else "see --help for the list of settings"
+    fail(f"unknown setting --{key}{where}; {hint}")
+
+
+def checked(key, value, default, where=""):
+    """value converted to the default's type, or a one-line error."""
+    if default is None:  # no type to hold it to
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        fail(f"--{key}{where} must be True or False, not {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(default)(value)
+    if type(value) is not type(default):
+        fail(f"--{key}{where} must be {type(default).__name__} like its default {default!r}, "
+             f"not {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_value(text, default):
+    """A Python literal, or the text itself (a str setting always takes the text as written)."""
+    if isinstance(default, str):
+        try:
+            value = ast.literal_eval(text)
+            return value if isinstance(value, str) else text  # --out_dir='out' and --out_dir=out alike
+        except (ValueError, SyntaxError):
+            return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def apply_config_file(path, g, known):
+    if not os.path.isfile(path):
+        here = sorted(f for f in os.listdir("configs") if f.endswith(".py")) if os.path.isdir("configs") else []
+        choices = f"; choose one of {', '.join('configs/' + f for f in here)}" if here else ""
+        fail(f"config file {path} not found{choices}")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    scope = {k: g[k] for k in known}
+    try:
+        exec(compile(source, path, "exec"), scope)
+    except SyntaxError as e:
+        fail(f"config file {path}, line {e.lineno}: {e.msg}")
+    except Exception as e:  # a config file is user code: report its error in one line
+        fail(f"config file {path}: {type(e).__name__}: {e}")
+    updates = {}
+    for key, value in scope.items():
+        if key.startswith("_") or not isinstance(value, SETTING_TYPES) or (key in known and value is g[key]):
+            continue  # helpers a config file imports or defines are not settings
+        if key not in known:
+            unknown(key, known, f" in {path}")
+        updates[key] = checked(key, value, g[key], f" (in {path})")
+    g.update(updates)
+    return updates
+
+
+def configure(g, argv):
+    """Apply config files and --key=value overrides in argv to the settings in g; returns what changed."""
+    known = settings_of(g)
+    changed = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print("settings (override with --key=value, or put assignments in a config file):")
+            for k in known:
+                print(f"  --{k}={g[k]!r}")
+            sys.exit(0)
+        if not arg.startswith("-"):
+            changed.update(apply_config_file(arg, g, known))
+            continue
+        if not arg.startswith("--") or "=" not in arg:
+            fail(f"malformed argument '{arg}'; use --key=value (e.g. --batch_size=32) or a config file path")
+        key, text = arg[2:].split("=", 1)
+        if key not in known:
+            unknown(key, known, "")
+        g[key] = changed[key] = checked(key, parse_value(text, g[key]), g[key])
+    return changed

@@ -1,0 +1,447 @@
+"""
+The tinyllm model: a Llama-style Transformer, readable top to bottom.
+
+    from model import Transformer, ModelArgs
+    model = Transformer(ModelArgs(dim=288, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=4096))
+    logits = model(tokens, targets)      # model.last_loss holds the mean cross entropy
+    out = model.generate(prompt, 100, temperature=0.8, top_k=200)
+
+Pieces: RMSNorm, rotary position embeddings (RoPE), grouped-query attention through PyTorch's
+scaled_dot_product_attention, a SwiGLU feed-forward, tied input/output embeddings, and a KV cache for generation.
+Below the model live the few helpers every script shares: device/dtype selection and checkpoint save/load.
+"""
+
+import inspect
+import math
+import os
+import pickle
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (plain multi-head attention)
+    vocab_size: int = 4096
+    hidden_dim: Optional[int] = None  # None: derived from dim and multiple_of, as in Llama
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            # Llama's recipe: 4*dim, then 2/3 of that (SwiGLU has three matrices, not two), rounded up
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        problems = []
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                     "max_seq_len"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not problems:
+            if self.dim % self.n_heads:
+                problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            elif (self.dim // self.n_heads) % 2:
+                problems.append(f"head size dim/n_heads ({self.dim // self.n_heads}) must be even for rotary "
+                                "embeddings")
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            problems.append("norm_eps and rope_theta must be > 0")
+        if problems:
+            raise ValueError("invalid model shape: " + "; ".join(problems))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32: squaring bf16/fp16 activations loses too much precision
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float):
+    """cos/sin of position * frequency, shape (max_seq_len, head_dim // 2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[2i], x[2i+1]) of the last dim by its position's angle (Meta's interleaved layout).
+
+    x: (B, n_heads, T, head_dim); cos, sin: (T, head_dim // 2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            is_causal = True
+        else:
+            # generation: store this step's keys/values and attend over everything cached so far
+            k_cache, v_cache = cache
+            k_cache[:, :, start_pos:start_pos + T] = k
+            v_cache[:, :, start_pos:start_pos + T] = v
+            k, v = k_cache[:, :, :start_pos + T], v_cache[:, :, :start_pos + T]
+            # a single new query may see every cached position; a prompt starting at 0 is plain causal
+            assert T == 1 or start_pos == 0, "the cache is filled by one prompt, then one token at a time"
+            is_causal = T > 1
+
+        if self.n_kv_heads != self.n_heads:
+            # each group of n_heads // n_kv_heads query heads shares one key/value head
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    last_loss: Optional[torch.Tensor]
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied: one matrix reads and writes tokens
+
+        # derived from the args, so not saved in checkpoints (persistent=False)
+        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+        self.apply(self._init_weights)
+        # GPT-2's scaled init for the projections that write into the residual stream, so its variance
+        # does not grow with depth (llama2.c scales w3 instead of w2: its issue #579)
+        for name, p in self.named_parameters():
+            if name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+        self.last_loss = None
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens, targets=None, cache=None, start_pos=0):
+        """Logits for every position when targets are given (and self.last_loss), else for the last one only.
+
+        cache/start_pos are for generate(): a list of per-layer (k, v) buffers and the position of tokens[:, 0].
+        """
+        T = tokens.shape[1]
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
+        h = self.dropout(self.tok_embeddings(tokens))
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if cache is None else cache[i], start_pos)
+        h = self.norm(h)
+
+        if targets is not None:
+            logits = self.output(h)
+            self.last_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=-1)
+        else:
+            logits = self.output(h[:, [-1], :])  # inference needs only the last position: skip T-1 matmuls
+            self.last_loss = None
+        return logits
+
+    def num_params(self, non_embedding=False):
+        """Parameter count (the tied embedding/output matrix counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if non_embedding else n
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay only on matrices (>= 2-D), never on norms' gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters); "
+              f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        print(f"AdamW fused: {fused}")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
+        """Model FLOPs utilisation: achieved FLOP/s over the device's peak dense bf16 FLOP/s.
+
+        FLOPs per token are 6N + 12*L*H*Q*T (PaLM, appendix B). The peak comes from peak_flops when given, else
+        from PEAK_BF16_FLOPS by the CUDA device's name. Returns NaN when the peak is unknown (CPU, MPS, a GPU not
+        in the table), so callers print no MFU rather than a wrong one.
+        """
+        peak = peak_flops or device_peak_flops()
+        if not peak or dt <= 0:
+            return float("nan")
+        a = self.args
+        L, H, Q, T = a.n_layers, a.n_heads, a.dim // a.n_heads, a.max_seq_len
+        flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 use_cache=True):
+        """Continue the token sequences idx (B, T) by up to max_new_tokens; returns (B, T + new).
+
+        temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose probability
+        reaches p. Generation stops once every row has produced eos_id (finished rows are padded with it).
+        The context is a window of at most max_seq_len tokens: when it fills up it slides to keep the latest
+        half, so with the cache one re-prefill happens every max_seq_len/2 tokens. Both paths slide the same
+        way, so use_cache=False gives the same tokens, only slower.
+        """
+        L = self.args.max_seq_len
+        B = idx.shape[0]
+        start = max(0, idx.shape[1] - L)  # first token of the context window
+        cache, cached = None, 0           # cached: how many tokens of the window are in the cache
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if idx.shape[1] - start > L:
+                start, cached = idx.shape[1] - L // 2, 0
+            if not use_cache:
+                logits = self(idx[:, start:])
+            else:
+                if cache is None:
+                    cache = self._new_cache(B, idx.device)
+                if cached == 0:
+                    logits = self(idx[:, start:], cache=cache, start_pos=0)  # (re-)fill with the window
+                else:
+                    logits = self(idx[:, -1:], cache=cache, start_pos=cached)
+                cached = idx.shape[1] - start
+            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)
+            if eos_id is not None:
+                next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+                finished |= next_id == eos_id
+            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            if eos_id is not None and finished.all():
+                break
+        return idx
+
+    def _new_cache(self, batch_size, device):
+        a = self.args
+        shape = (batch_size, a.n_kv_heads, a.max_seq_len, a.dim // a.n_heads)
+        dtype = self.tok_embeddings.weight.dtype
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(a.n_layers)]
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        """Build the model a checkpoint describes and load its weights (every key must match)."""
+        model = cls(ModelArgs(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"], strict=True)
+        return model
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token id per row of logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the likelier ones before it already reach top_p (the first one always stays)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# peak dense bf16 tensor FLOP/s (vendor datasheets, no sparsity); the first name fragment found in
+# torch.cuda.get_device_name() wins, so more specific names come first
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),      # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),      # no bf16: its fp16 tensor-core peak
+    ("T4", 65e12),         # likewise fp16
+]
+
+
+def device_peak_flops(name=None):
+    """Peak FLOP/s of the current CUDA device (or of the device called name), or None when unknown."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if fragment in name:
+            return flops
+    return None
+
+
+# -----------------------------------------------------------------------------
+# device and dtype selection, shared by train.py, sample.py and export.py
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device="auto"):
+    """'auto' → cuda, then mps, then cpu. An explicit device must exist."""
+    mps_ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: device '{device}' asked for, but PyTorch sees no CUDA GPU; "
+                         "use --device=cpu or --device=auto")
+    if kind == "mps" and not mps_ok:
+        raise SystemExit(f"error: device '{device}' asked for, but MPS is not available; use --device=auto")
+    if kind not in ("cuda", "mps", "cpu"):
+        raise SystemExit(f"error: unknown device '{device}'; choose auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(dtype, device):
+    """'auto' → bfloat16 on a GPU that supports it, else float16 on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype not in DTYPES:
+        raise SystemExit(f"error: unknown dtype '{dtype}'; choose auto, float32, bfloat16 or float16")
+    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise SystemExit("error: this GPU does not support bfloat16; use --dtype=float16 (or auto)")
+    return dtype
+
+
+def autocast_ctx(device, dtype):
+    """Mixed precision for the forward pass; float32 needs none."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one format for train.py (writes), sample.py and export.py (read)
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a crash mid-write leaves the previous checkpoint as it was."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a tinyllm checkpoint safely (weights_only: tensors and plain data, never pickled code)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py configs/tiny.py` "
+                         "or pass the right --ckpt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f"error: {path} holds pickled Python objects beyond tensors and plain data; it was not "
+                         "written by tinyllm and was not loaded (nothing in it was executed)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]}); "
+                         "re-run training or pick another checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("tinyllm") is None or "model" not in ckpt or "model_args" not in ckpt:
+        raise SystemExit(f"error: {path} is not a tinyllm checkpoint (no 'tinyllm', 'model' and 'model_args' "
+                         "entries); use a ckpt.pt written by train.py")
+    return ckpt
+
+
+def checkpoint_dict(model, model_args, **extra):
+    """The entries every tinyllm checkpoint has; train.py adds optimizer, RNG and data state through extra."""
+    state = model.state_dict()
+    # torch.compile wraps the model: strip its prefix so checkpoints load into a plain Transformer
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    return {"tinyllm": 1, "model": state, "model_args": asdict(model_args), **extra}

@@ -1,0 +1,279 @@
+"""Behaviour of model.py: shapes, loss, causality, RoPE, generation, counts, optimizer groups, MFU, checkpoints."""
+
+import math
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+from model import (ModelArgs, Transformer, apply_rope, autocast_ctx, load_checkpoint, pick_device, pick_dtype,
+                   rope_tables, sample_next, save_checkpoint, checkpoint_dict)
+
+
+def tiny(**kw):
+    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32)
+    args.update(kw)
+    return ModelArgs(**args)
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(tiny(**kw)).eval()
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (8, 1)])  # GQA ratios 1, 2, 8
+def test_shapes(n_heads, n_kv_heads):
+    m = build(dim=64, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    x = torch.randint(0, 64, (3, 17))
+    assert m(x, x).shape == (3, 17, 64)
+    assert m.last_loss.ndim == 0
+    assert m(x).shape == (3, 1, 64)
+    assert m.last_loss is None
+
+
+def test_args_derive_and_validate():
+    a = ModelArgs(dim=288, n_heads=8)
+    assert a.n_kv_heads == 8 and a.hidden_dim == 768  # 4*288*2/3 = 768, already a multiple of 32
+    assert ModelArgs(dim=96, n_heads=4, multiple_of=64).hidden_dim == 256  # 256 exactly
+    assert ModelArgs(dim=100, n_heads=2, multiple_of=64).hidden_dim == 320  # 266 rounded up to 64s
+    with pytest.raises(ValueError, match="divisible by n_kv_heads"):
+        ModelArgs(n_heads=8, n_kv_heads=3)
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        ModelArgs(dim=100, n_heads=8)
+    with pytest.raises(ValueError, match="even"):
+        ModelArgs(dim=24, n_heads=8)
+    with pytest.raises(ValueError, match="dropout"):
+        ModelArgs(dropout=1.5)
+
+
+def test_last_loss_is_cross_entropy_with_ignore_index():
+    m = build()
+    x = torch.randint(0, 64, (2, 16))
+    y = torch.randint(0, 64, (2, 16))
+    y[0, :5] = -1
+    logits = m(x, y)
+    expected = F.cross_entropy(logits.view(-1, 64), y.view(-1), ignore_index=-1)
+    assert torch.allclose(m.last_loss, expected)
+
+
+def test_causal():
+    m = build()
+    x = torch.randint(0, 64, (1, 20))
+    before = m(x, x)
+    x2 = x.clone()
+    x2[0, 12:] = (x2[0, 12:] + 1) % 64
+    after = m(x2, x2)
+    assert torch.equal(before[:, :12], after[:, :12])
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+def test_rope_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    cos, sin = rope_tables(16, 64, 10000.0)
+    q, k = torch.randn(16), torch.randn(16)
+
+    def rotated(v, pos):
+        return apply_rope(v.view(1, 1, 1, 16), cos[pos:pos + 1], sin[pos:pos + 1]).view(16)
+
+    dot = lambda m, n: torch.dot(rotated(q, m), rotated(k, n))
+    assert torch.allclose(dot(3, 1), dot(40, 38), atol=1e-5)
+    assert torch.allclose(dot(10, 10), dot(0, 0), atol=1e-5)
+    assert not torch.allclose(dot(3, 1), dot(3, 2), atol=1e-3)
+    assert torch.allclose(rotated(q, 7).norm(), q.norm(), atol=1e-5)  # a rotation keeps lengths
+
+
+def test_kv_cache_greedy_equals_full_recompute():
+    m = build(seed=1)
+    prompt = torch.randint(0, 64, (2, 5))
+    fast = m.generate(prompt, 50, temperature=0)
+    slow = m.generate(prompt, 50, temperature=0, use_cache=False)
+    assert fast.shape == (2, 55)
+    assert torch.equal(fast, slow)
+    # the cache must really be used: a single step's forward sees one token
+    seen = []
+    hook = m.tok_embeddings.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    m.generate(prompt, 5, temperature=0)
+    hook.remove()
+    assert seen == [5, 1, 1, 1, 1]
+
+
+def test_greedy_recompute_matches_plain_argmax():
+    m = build(seed=2)
+    idx = torch.randint(0, 64, (1, 4))
+    out = m.generate(idx, 10, temperature=0)
+    for t in range(4, 14):  # every generated token is the argmax of a full forward over its prefix
+        assert out[0, t] == m(out[:, :t])[0, -1].argmax()
+
+
+def test_generation_past_max_seq_len_slides_the_window():
+    m = build(seed=3, max_seq_len=16)
+    prompt = torch.randint(0, 64, (1, 20))  # longer than the context: cropped
+    fast = m.generate(prompt, 40, temperature=0)
+    slow = m.generate(prompt, 40, temperature=0, use_cache=False)
+    assert fast.shape == (1, 60)
+    assert torch.equal(fast, slow)
+
+
+def test_eos_stops_generation():
+    m = build(seed=4)
+    prompt = torch.randint(0, 64, (1, 3))
+    greedy = m.generate(prompt, 10, temperature=0)
+    eos = int(greedy[0, 5])  # declare the 3rd generated token the end of text
+    out = m.generate(prompt, 10, temperature=0, eos_id=eos)
+    first = (greedy[0, 3:] == eos).nonzero()[0].item() + 3
+    assert out.shape[1] == first + 1 and out[0, -1] == eos
+
+
+def test_top_k_and_top_p_stay_in_the_allowed_set():
+    torch.manual_seed(0)
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]]).repeat(4000, 1)
+    top3 = sample_next(logits, temperature=1.5, top_k=3)
+    assert set(top3.tolist()) == {0, 1, 2}
+    probs = F.softmax(logits[0], -1)  # 0.44, 0.27, 0.16, 0.06 ...: the nucleus of 0.8 is tokens 0, 1, 2
+    assert probs[:2].sum() < 0.8 <= probs[:3].sum()
+    nucleus = sample_next(logits, temperature=1.0, top_p=0.8)
+    assert set(nucleus.tolist()) == {0, 1, 2}
+    both = sample_next(logits, temperature=1.0, top_k=2, top_p=0.99)
+    assert set(both.tolist()) == {0, 1}
+    assert set(sample_next(logits, top_p=1e-6).tolist()) == {0}  # the likeliest token always stays
+    assert set(sample_next(logits, temperature=0).tolist()) == {0}
+
+
+def test_parameter_count_matches_analytic_count():
+    a = ModelArgs(dim=288, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=4096, max_seq_len=256)
+    m = Transformer(a)
+    hd = a.dim // a.n_heads
+    per_layer = (a.dim * a.n_heads * hd + 2 * a.dim * a.n_kv_heads * hd + a.n_heads * hd * a.dim
+                 + 3 * a.dim * a.hidden_dim + 2 * a.dim)
+    expected = a.vocab_size * a.dim + a.n_layers * per_layer + a.dim
+    assert m.num_params() == expected == 8_483_616
+    assert m.num_params(non_embedding=True) == expected - a.vocab_size * a.dim
+    assert m.output.weight is m.tok_embeddings.weight
+
+
+def test_seed_shape_forward_backward_on_cpu():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=288, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=4096, max_seq_len=256))
+    x, y = torch.randint(0, 4096, (2, 2, 256))
+    m(x, y)
+    assert abs(m.last_loss.item() - math.log(4096)) < 1.0  # near-uniform at init
+    m.last_loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_scaled_init_on_residual_output_projections():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=256, n_layers=8, n_heads=8, vocab_size=512))
+    small = 0.02 / math.sqrt(16)
+    for layer in m.layers:
+        assert abs(layer.attention.wo.weight.std().item() - small) < 0.002
+        assert abs(layer.feed_forward.w2.weight.std().item() - small) < 0.002
+        assert abs(layer.feed_forward.w3.weight.std().item() - 0.02) < 0.002
+        assert abs(layer.attention.wq.weight.std().item() - 0.02) < 0.002
+
+
+def test_configure_optimizers_groups(capsys):
+    m = build()
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+    assert len(no_decay["params"]) == 2 * 2 + 1  # two norms per layer, one final
+    assert decay["lr"] == 1e-3 and decay["betas"] == (0.9, 0.95)
+    assert "decayed tensors" in capsys.readouterr().out
+
+
+def test_estimate_mfu(monkeypatch):
+    m = build()
+    a = m.args
+    flops = (6 * m.num_params() + 12 * a.n_layers * a.n_heads * (a.dim // a.n_heads) * a.max_seq_len) * a.max_seq_len
+    # CPU: no peak known, so no number at all rather than a wrong one
+    assert math.isnan(m.estimate_mfu(4, 0.5))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert m.estimate_mfu(4, 0.5) == pytest.approx(flops * 4 / 0.5 / 989e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert m.estimate_mfu(4, 0.5) == pytest.approx(flops * 4 / 0.5 / 756e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A10G")
+    assert m.estimate_mfu(4, 0.5) == pytest.approx(flops * 4 / 0.5 / 70e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Mystery Accelerator 9000")
+    assert math.isnan(m.estimate_mfu(4, 0.5))
+    assert m.estimate_mfu(4, 0.5, peak_flops=100e12) == pytest.approx(flops * 4 / 0.5 / 100e12)
+
+
+def test_device_and_dtype_selection(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") in ("cpu", "mps")
+    assert pick_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        pick_device("cuda")
+    with pytest.raises(SystemExit, match="unknown device"):
+        pick_device("tpu")
+    assert pick_dtype("auto", "cpu") == "float32"
+    assert pick_dtype("bfloat16", "cpu") == "bfloat16"  # explicit is honoured
+    with pytest.raises(SystemExit, match="unknown dtype"):
+        pick_dtype("fp8", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pick_dtype("auto", "cuda") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pick_dtype("auto", "cuda") == "bfloat16"
+    with autocast_ctx("cpu", "bfloat16"):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    with autocast_ctx("cpu", "float32"):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = build(seed=5)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(checkpoint_dict(m, m.args, iter_num=7, tokenizer=b"\x00bytes"), path)
+    assert not os.path.exists(str(path) + ".tmp")
+    ckpt = load_checkpoint(path)
+    assert ckpt["iter_num"] == 7 and ckpt["tokenizer"] == b"\x00bytes"
+    m2 = Transformer.from_checkpoint(ckpt).eval()
+    x = torch.randint(0, 64, (1, 8))
+    assert torch.equal(m(x), m2(x))
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+    m = build()
+    good = tmp_path / "good.pt"
+    save_checkpoint(checkpoint_dict(m, m.args), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(SystemExit, match="truncated"):
+        load_checkpoint(truncated)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(SystemExit, match="not a tinyllm checkpoint"):
+        load_checkpoint(plain)
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"tinyllm": 1, "model": {}, "model_args": {}, "x": Payload(str(marker))}, evil)
+    with pytest.raises(SystemExit, match="not loaded"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+class Payload:
+    """Unpickling this would run code (creating a file); weights_only loading must refuse it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_missing_key_refused():
+    m = build()
+    state = checkpoint_dict(m, m.args)
+    del state["model"]["norm.weight"]
+    with pytest.raises(RuntimeError, match="norm.weight"):
+        Transformer.from_checkpoint(state)
