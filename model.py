@@ -11,7 +11,6 @@ scaled_dot_product_attention, a SwiGLU feed-forward, tied input/output embedding
 Below the model live the few helpers every script shares: device/dtype selection and checkpoint save/load.
 """
 
-import inspect
 import math
 import os
 import pickle
@@ -117,8 +116,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        grouped = self.n_kv_heads != self.n_heads
         if cache is None:
             is_causal = True
+            if grouped:
+                # each group of n_heads // n_kv_heads query heads shares one key/value head (copied out here,
+                # which every SDPA backend takes, for training)
+                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         else:
             # generation: store this step's keys/values and attend over everything cached so far
             k_cache, v_cache = cache
@@ -128,13 +133,11 @@ class Attention(nn.Module):
             # a single new query may see every cached position; a prompt starting at 0 is plain causal
             assert T == 1 or start_pos == 0, "the cache is filled by one prompt, then one token at a time"
             is_causal = T > 1
-
-        if self.n_kv_heads != self.n_heads:
-            # each group of n_heads // n_kv_heads query heads shares one key/value head
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # on the cache path SDPA shares the kv heads itself (enable_gqa): copying the whole cache every step
+        # would cost more than the attention
         y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           **({"enable_gqa": True} if grouped and cache is not None else {}))
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
@@ -234,9 +237,10 @@ class Transformer(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0}]
         print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters); "
               f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        # the fused kernel is several times faster than the per-tensor loop, on CPUs too
+        fused = device_type in ("cuda", "cpu", "mps")
         print(f"AdamW fused: {fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak dense bf16 FLOP/s.
@@ -264,6 +268,19 @@ class Transformer(nn.Module):
         half, so with the cache one re-prefill happens every max_seq_len/2 tokens. Both paths slide the same
         way, so use_cache=False gives the same tokens, only slower.
         """
+        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache)
+        # concatenated outside inference mode, so the result is an ordinary tensor callers may feed to training
+        return torch.cat([idx] + [next_id[:, None] for next_id in steps], dim=1)
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                        use_cache=True):
+        """generate() one step at a time: yields each new token column, a LongTensor (B,), as it is sampled.
+
+        inference_mode rather than no_grad: it also skips autograd's view and version bookkeeping, a measurable
+        share of a step on CPU, where a small model's step is mostly per-op overhead. The yielded tensors are
+        inference tensors: read them (.tolist()), or clone them before using them in autograd.
+        """
         L = self.args.max_seq_len
         B = idx.shape[0]
         start = max(0, idx.shape[1] - L)  # first token of the context window
@@ -287,9 +304,9 @@ class Transformer(nn.Module):
                 next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id == eos_id
             idx = torch.cat((idx, next_id[:, None]), dim=1)
+            yield next_id
             if eos_id is not None and finished.all():
-                break
-        return idx
+                return
 
     def _new_cache(self, batch_size, device):
         a = self.args

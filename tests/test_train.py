@@ -1,0 +1,306 @@
+"""train.py end to end on CPU: loss falls, exact resume after SIGKILL, SIGTERM, NaN skipping, DDP on gloo, ..."""
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train as train_module
+from configurator import configure
+from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 320
+WORDS = ("the king queen lord lady sword crown night day love death heart blood fair sweet good noble " +
+         "speak come go see know hear thou thee thy my our your his her doth hath shall will").split()
+
+
+def run(args, cwd, **kw):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small corpus with learnable structure, tokenized with a 320-token vocabulary."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = []
+    for _ in range(400):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "."
+                 for _ in range(rng.randint(3, 8))]
+        docs.append("\n".join(lines))
+    (root / "raw").mkdir()
+    (root / "raw" / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    data = root / "data"
+    for verb in (["train_vocab"], ["pretokenize", "--val_fraction=0.1"]):
+        r = run(["preprocess.py", *verb, f"--vocab_size={VOCAB}", f"--input={root / 'raw'}", f"--data_dir={data}"],
+                ROOT)
+        assert r.returncode == 0, r.stderr
+    return str(data)
+
+
+def settings(data_dir, out_dir, **extra):
+    s = dict(data_dir=data_dir, out_dir=str(out_dir), dataset="custom", vocab_size=VOCAB, max_seq_len=32, dim=32,
+             n_layers=2, n_heads=4, n_kv_heads=2, batch_size=4, gradient_accumulation_steps=2,
+             learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, max_iters=40, eval_interval=20, eval_iters=4,
+             log_interval=5, device="cpu", compile=False)
+    s.update(extra)
+    return [f"--{k}={v}" for k, v in s.items()]
+
+
+def train_cli(data_dir, out_dir, **extra):
+    r = run(["train.py", *settings(data_dir, out_dir, **extra)], ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = train_cli(data_dir, out, max_iters=60, eval_interval=30)
+    assert "tokens per iteration: 256 = 2 accumulation x 4 batch x 32 tokens" in r.stdout
+    evals = [m for m in metrics(out) if "val_loss" in m]
+    assert [m["iter"] for m in evals] == [0, 30, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert evals[-1]["val_bpb"] > 0
+    for name in ("ckpt.pt", "best.pt"):
+        ckpt = load_checkpoint(out / name)
+        assert ckpt["iter_num"] == 60 or name == "best.pt"
+        assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+        assert ckpt["tokenizer"] == open(os.path.join(data_dir, f"tok{VOCAB}.model"), "rb").read()
+        assert ckpt["config"]["batch_size"] == 4 and ckpt["model_args"]["dim"] == 32
+    assert "next: python sample.py --ckpt" in r.stdout
+
+
+def test_metrics_schema(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, max_iters=10, eval_interval=10, log_interval=5)
+    records = metrics(out)
+    logs = [m for m in records if "loss" in m]
+    evals = [m for m in records if "val_loss" in m]
+    assert [m["iter"] for m in logs] == [5, 10]
+    for m in logs:
+        assert {"iter", "tokens", "loss", "lr", "grad_norm", "ms", "tok_per_s", "mfu"} <= set(m)
+        assert m["tokens"] == m["iter"] * 256 and m["mfu"] is None  # no MFU on a CPU
+        assert m["lr"] > 0 and m["grad_norm"] > 0 and m["ms"] > 0 and m["tok_per_s"] > 0
+    for m in evals:
+        assert set(m) == {"iter", "tokens", "train_loss", "val_loss", "val_bpb"}
+    if shutil.which("python") and __import__("importlib").util.find_spec("matplotlib"):
+        assert (out / "loss.png").exists()
+
+
+def test_lr_schedule(monkeypatch):
+    for k, v in dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, lr_decay_iters=0,
+                     lr_schedule="cosine", wsd_decay_frac=0.2).items():
+        monkeypatch.setattr(train_module, k, v)
+    lr = train_module.lr_at
+    assert 0 < lr(0) < lr(1) < lr(9) < 1e-3  # warmup starts above zero
+    assert lr(10) == pytest.approx(1e-3)
+    assert lr(60) == pytest.approx(5.5e-4)  # halfway down the cosine
+    assert lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)
+    monkeypatch.setattr(train_module, "lr_schedule", "wsd")
+    assert lr(10) == lr(50) == lr(88) == pytest.approx(1e-3)  # stable until the last 20% (from 88)
+    assert lr(99) == pytest.approx(1e-3 + (1e-4 - 1e-3) * 11 / 22)
+    assert lr(110) == pytest.approx(1e-4)
+    monkeypatch.setattr(train_module, "lr_schedule", "constant")
+    assert lr(100) == pytest.approx(1e-3)
+
+
+def test_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+    x = torch.randint(0, 64, (8, 16))
+    y = torch.randint(0, 64, (8, 16))
+    model(x, y)
+    model.last_loss.backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    k = 4
+    for xs, ys in zip(x.chunk(k), y.chunk(k)):  # what train.py does: loss / accumulation steps per micro-batch
+        model(xs, ys)
+        (model.last_loss / k).backward()
+    for a, b in zip(big, model.parameters()):
+        assert torch.allclose(a, b.grad, atol=1e-6)
+
+
+def test_exact_resume_after_sigkill(data_dir, tmp_path):
+    args = dict(max_iters=80, eval_interval=40, log_interval=1, batch_size=16, dropout=0.1)
+    straight = tmp_path / "straight"
+    train_cli(data_dir, straight, **args)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", *settings(data_dir, killed, **args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = killed / "ckpt.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the atomic checkpoint at iteration 40 must do
+    out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed:\n" + out
+    assert load_checkpoint(ckpt)["iter_num"] == 40
+    r = train_cli(data_dir, killed, **args)  # init_from="auto" resumes
+    assert "resuming from" in r.stdout
+
+    a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(ckpt)
+    assert a["iter_num"] == b["iter_num"] == 80
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert [m for m in metrics(straight) if "val_loss" in m][-1] == [m for m in metrics(killed) if "val_loss" in m][-1]
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *settings(data_dir, out, max_iters=100000, log_interval=1,
+                                                                    eval_interval=100000)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(out / "metrics.jsonl") and len(metrics(out)) >= 4:  # the eval at 0, then 3 steps
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "SIGTERM received" in output and "Resume with the same command" in output
+    assert "Traceback" not in output
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] >= 3
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16))
+    from model import checkpoint_dict
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(checkpoint_dict(model, model.args, iter_num=1), path)
+
+    def crash(obj, f, *a, **k):  # half a file, then the process "dies"
+        f.write(b"PK\x03\x04 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(checkpoint_dict(model, model.args, iter_num=2), path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iter_num"] == 1
+
+
+def in_process_train(data_dir, out_dir, monkeypatch, **extra):
+    """Run train.train() in this process (so a test can patch the model), with settings applied as the CLI does."""
+    g = vars(train_module)
+    saved = {k: g[k] for k in train_module.settings_of(g)}
+    try:
+        configure(g, settings(data_dir, out_dir, **extra))
+        train_module.train()
+    finally:
+        g.update(saved)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def poison_forward(monkeypatch, bad_calls):
+    """Make the loss NaN on the given forward calls (counted from 1, training and eval alike)."""
+    calls = {"n": 0}
+    original = Transformer.forward
+
+    def forward(self, tokens, targets=None, **kw):
+        logits = original(self, tokens, targets, **kw)
+        if targets is not None and torch.is_grad_enabled():
+            calls["n"] += 1
+            if bad_calls(calls["n"]):
+                self.last_loss = self.last_loss * float("nan")
+        return logits
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
+def test_nan_steps_are_skipped_and_counted(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    # micro-batches 21..26 are iterations 11, 12, 13 (2 micro-steps each)
+    poison_forward(monkeypatch, lambda n: 21 <= n <= 26)
+    in_process_train(data_dir, out, monkeypatch, max_iters=20, eval_interval=20, log_interval=1)
+    logs = {m["iter"]: m for m in metrics(out) if "loss" in m}
+    assert all(math.isnan(logs[i]["loss"]) for i in (11, 12, 13))
+    assert logs[10]["skipped"] == 0 and logs[13]["skipped"] == 3 and logs[20]["skipped"] == 3
+    assert math.isfinite(logs[20]["loss"])
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(out / "ckpt.pt")["model"].values())
+
+
+def test_persistent_nan_stops_with_the_last_checkpoint_intact(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_forward(monkeypatch, lambda n: n > 2 * 10)  # every step after iteration 10
+    with pytest.raises(SystemExit, match="consecutive steps with a non-finite loss"):
+        in_process_train(data_dir, out, monkeypatch, max_iters=40, eval_interval=10, log_interval=1,
+                         max_bad_steps=5)
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 10
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_mismatched_resume_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, max_iters=5, eval_interval=5)
+    before = (out / "ckpt.pt").read_bytes()
+    r = run(["train.py", *settings(data_dir, out, max_iters=10, dim=64)], ROOT)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "another model shape (dim: checkpoint 32 vs config 64" in r.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_bad_settings_are_one_line_errors(data_dir, tmp_path):
+    cases = [(dict(device="cuda"), "no CUDA GPU") if not torch.cuda.is_available() else (dict(device="tpu"), "device"),
+             (dict(optimizer="sgd"), "choose adamw or muon"),
+             (dict(init_from="resume"), "does not exist"),
+             (dict(vocab_size=512), "pretokenize")]
+    for extra, message in cases:
+        r = run(["train.py", *settings(data_dir, tmp_path / "x", **extra)], ROOT)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+
+
+def test_muon_trains(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, optimizer="muon", muon_lr=0.02, max_iters=40, eval_interval=40)
+    evals = [m for m in metrics(out) if "val_loss" in m]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+
+
+def test_torchrun_two_processes_match_one(data_dir, tmp_path):
+    common = dict(max_iters=40, eval_interval=40, gradient_accumulation_steps=2, batch_size=8)
+    single = tmp_path / "single"
+    train_cli(data_dir, single, **common)
+    double = tmp_path / "double"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *settings(data_dir, double, **common)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 process(es)" in r.stdout
+    one = [m for m in metrics(single) if "val_loss" in m][-1]["val_loss"]
+    two = [m for m in metrics(double) if "val_loss" in m][-1]["val_loss"]
+    assert abs(one - two) / one < 0.05  # same global batch, different (rank-sharded) samples
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+             *settings(data_dir, tmp_path / "odd", gradient_accumulation_steps=3)], ROOT)
+    assert r.returncode != 0 and "must be divisible by the number of processes" in r.stderr
+
+
+def test_configs_parse():
+    names = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+    assert {"tiny.py", "shakespeare.py", "stories15M.py", "stories42M.py", "stories110M.py"} <= set(names)
+    for name in names:
+        g = {k: getattr(train_module, k) for k in train_module.settings_of(vars(train_module))}
+        configure(g, [os.path.join(ROOT, "configs", name)])
+        args = ModelArgs(dim=g["dim"], n_layers=g["n_layers"], n_heads=g["n_heads"], n_kv_heads=g["n_kv_heads"],
+                         vocab_size=g["vocab_size"], multiple_of=g["multiple_of"], max_seq_len=g["max_seq_len"])
+        assert args.hidden_dim > 0
+        assert g["gradient_accumulation_steps"] >= 1 and g["max_iters"] > g["warmup_iters"]

@@ -1,0 +1,512 @@
+"""
+Train a small Llama-style language model.
+
+    python train.py configs/tiny.py                  # the CPU quickstart on Shakespeare (prepares its data)
+    python train.py configs/tiny.py --batch_size=16  # any setting below can be overridden
+    python train.py configs/tiny.py --max_iters=3000 # re-running resumes from out_dir/ckpt.pt (init_from="auto")
+    torchrun --standalone --nproc_per_node=4 train.py configs/stories15M.py   # data parallel on 4 GPUs
+
+Settings are the globals below; configurator.py applies a config file and --key=value overrides to them.
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits; run again to resume.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure, settings_of
+from model import (ModelArgs, Transformer, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
+                   pick_dtype, save_checkpoint)
+from preprocess import Task, Tokenizer, load_meta
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "output"
+eval_interval = 2000  # evaluate and write out_dir/ckpt.pt every this many iterations (and at the end)
+log_interval = 1
+eval_iters = 100  # batches per split for each evaluation
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = False  # False: also keep the best-val model as out_dir/best.pt
+init_from = "auto"  # "scratch", "resume" (from out_dir/ckpt.pt) or "auto" (resume when ckpt.pt exists)
+wandb_log = False
+wandb_project = "tinyllm"
+wandb_run_name = "run"
+# data
+dataset = "shakespeare"  # only the default corpus is prepared automatically when its shards are missing
+data_dir = "data"  # holds tok{vocab_size}.model and the tok{vocab_size}/ shards
+batch_size = 8  # micro-batch size (per process)
+max_seq_len = 256
+vocab_size = 4096
+# model
+dim = 288
+n_layers = 8
+n_heads = 8
+n_kv_heads = 4
+multiple_of = 32
+dropout = 0.0
+rope_theta = 10000.0
+# optimizer
+optimizer = "adamw"  # "adamw", or "muon": Muon for the 2-D hidden weights, AdamW for embeddings and norms
+gradient_accumulation_steps = 4  # micro-steps per iteration, summed over all processes
+learning_rate = 5e-4  # peak AdamW learning rate
+muon_lr = 0.02  # peak Muon learning rate (optimizer="muon" only)
+max_iters = 100000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the global gradient norm to this (0: off)
+max_bad_steps = 10  # stop after this many consecutive steps with a non-finite loss or gradient
+# learning rate schedule
+lr_schedule = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
+warmup_iters = 1000
+lr_decay_iters = 0  # where the decay ends; 0: max_iters
+min_lr = 0.0  # the learning rate at the end of the decay (as a fraction: min_lr / learning_rate for Muon)
+wsd_decay_frac = 0.2  # wsd: the last fraction of lr_decay_iters that decays linearly to min_lr
+# system
+device = "auto"  # "auto" (cuda, mps, cpu in that order), "cpu", "cuda", "cuda:1", "mps"
+dtype = "auto"  # "auto" (bfloat16 where supported, float16 on older GPUs, float32 on CPU), or explicit
+compile = None  # torch.compile the model; None: on for CUDA, off for CPU/MPS
+seed = 1337
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0: look it up from the GPU's name
+# -----------------------------------------------------------------------------
+
+
+def lr_at(it):
+    """The AdamW learning rate for iteration it (Muon scales its own peak by the same factor)."""
+    decay_end = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)  # > 0 from the very first step
+    if lr_schedule == "constant" or it >= decay_end:
+        return learning_rate if lr_schedule == "constant" else min_lr
+    if lr_schedule == "cosine":
+        progress = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    # wsd: hold the peak, then decay linearly over the last wsd_decay_frac of the run
+    decay_start = decay_end - int(wsd_decay_frac * decay_end)
+    if it < decay_start:
+        return learning_rate
+    return learning_rate + (min_lr - learning_rate) * (it - decay_start) / max(1, decay_end - decay_start)
+
+
+def build_optimizers(model, device_type):
+    """One AdamW, or Muon + AdamW; every param group remembers its peak lr so the schedule can scale it."""
+    betas = (beta1, beta2)
+    if optimizer == "adamw":
+        optimizers = [model.configure_optimizers(weight_decay, learning_rate, betas, device_type)]
+    elif optimizer == "muon":
+        hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("layers.")]
+        embed = [model.tok_embeddings.weight]  # also the (tied) output matrix
+        norms = [p for p in model.parameters() if p.dim() < 2]
+        print(f"Muon: {len(hidden)} hidden matrices; AdamW: embeddings and {len(norms)} norm gains")
+        optimizers = [
+            torch.optim.Muon(hidden, lr=muon_lr, weight_decay=weight_decay),
+            torch.optim.AdamW([{"params": embed, "weight_decay": weight_decay},
+                               {"params": norms, "weight_decay": 0.0}],
+                              lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu", "mps")),
+        ]
+    else:
+        raise SystemExit(f"error: unknown optimizer '{optimizer}'; choose adamw or muon")
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
+    return optimizers
+
+
+def set_lr(optimizers, it):
+    scale = lr_at(it) / learning_rate
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * scale
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def ensure_data(master):
+    """Prepare the default corpus when its shards are missing; otherwise name the command that makes them."""
+    shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
+    tokenizer_path = os.path.join(data_dir, f"tok{vocab_size}.model")
+    if os.path.exists(os.path.join(shard_dir, "meta.json")) and os.path.exists(tokenizer_path):
+        return
+    if dataset != "shakespeare":
+        raise SystemExit(f"error: no tokenized data in {shard_dir}; make it with `python preprocess.py download "
+                         f"{dataset}`, then train_vocab and pretokenize with --vocab_size={vocab_size} "
+                         f"--data_dir={data_dir} (see README.md)")
+    if master:
+        print(f"preparing the default Shakespeare corpus in {data_dir} (once)")
+        for verb in (["download", "shakespeare"],
+                     ["train_vocab", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}"],
+                     ["pretokenize", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}"]):
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "preprocess.py"), *verb]
+            if subprocess.run(cmd).returncode != 0:
+                raise SystemExit(f"error: `python preprocess.py {' '.join(verb)}` failed (see above)")
+
+
+def metrics_history(path, upto):
+    """The metrics.jsonl records up to iteration upto; later ones belong to a run that was cut off."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["iter"] <= upto]
+
+
+def plot_losses(history, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    logs = [r for r in history if "loss" in r]
+    evals = [r for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] for r in logs], [r["loss"] for r in logs], lw=0.6, alpha=0.5, label="train (batch)")
+    ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, writes a checkpoint and exits."""
+
+    def __init__(self):
+        self.signal = None
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+        print(f"\n{self.signal} received: finishing this step, then saving a checkpoint", flush=True)
+
+
+def train():
+    config = {k: globals()[k] for k in settings_of(globals())}
+
+    # ---- processes, device, precision
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    master = rank == 0
+    dev = pick_device(device)
+    if ddp and dev.startswith("cuda"):
+        dev = f"cuda:{local_rank}"
+        torch.cuda.set_device(dev)
+    device_type = dev.split(":")[0]
+    ptdtype = pick_dtype(dtype, dev)
+    if gradient_accumulation_steps % world_size:
+        raise SystemExit(f"error: gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible "
+                         f"by the number of processes ({world_size}); e.g. --gradient_accumulation_steps="
+                         f"{world_size * max(1, gradient_accumulation_steps // world_size)}")
+    if ddp:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    accum = gradient_accumulation_steps // world_size
+    tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data and tokenizer
+    ensure_data(master)
+    if ddp:
+        dist.barrier()
+    tokenizer = Tokenizer(os.path.join(data_dir, f"tok{vocab_size}.model"))
+    meta = load_meta(os.path.join(data_dir, f"tok{vocab_size}"))
+    tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
+
+    def batches(split, state=None, stream_seed=seed):
+        return Task.iter_batches(split=split, batch_size=batch_size, max_seq_len=max_seq_len,
+                                 vocab_size=vocab_size, device=dev, data_dir=data_dir, seed=stream_seed,
+                                 state=state, tokenizer_sha256=tokenizer.sha256)
+
+    # ---- model and optimizer, fresh or from out_dir/ckpt.pt
+    model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                           vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
+                           dropout=dropout, rope_theta=rope_theta)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if init_from not in ("scratch", "resume", "auto"):
+        raise SystemExit(f"error: unknown init_from '{init_from}'; choose scratch, resume or auto")
+    if init_from == "resume" and not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=scratch")
+    resuming = init_from == "resume" or (init_from == "auto" and os.path.exists(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path, map_location=dev) if resuming else None
+    if ckpt is not None:
+        differs = {k: (v, getattr(model_args, k)) for k, v in ckpt["model_args"].items()
+                   if getattr(model_args, k, None) != v}
+        if differs:
+            detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differs.items())
+            raise SystemExit(f"error: {ckpt_path} was trained with another model shape ({detail}); use the "
+                             f"same settings, another --out_dir, or --init_from=scratch")
+    model = Transformer(model_args)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"], strict=True)
+    model.to(dev)
+    optimizers = build_optimizers(model, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == "float16")
+    iter_num, best_val_loss, data_state = 0, float("inf"), None
+    if ckpt is not None:
+        for opt, state in zip(optimizers, ckpt["optimizer"]):
+            opt.load_state_dict(state)
+        if ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        saved = ckpt["data_state"]
+        if saved["world_size"] == world_size:
+            data_state = saved["ranks"][rank]
+            if world_size == 1:
+                set_rng_state(ckpt["rng"])  # exact continuation (dropout masks included)
+        elif master:
+            print(f"note: the checkpoint was written by {saved['world_size']} processes, this run has "
+                  f"{world_size}: data order re-derived from seed and iteration, not continued exactly")
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {iter_num}")
+    del ckpt
+    resume_iter = iter_num
+    resumed_at = iter_num if resuming else None
+
+    raw_model = model
+    use_compile = compile if compile is not None else device_type == "cuda"
+    if use_compile:
+        try:
+            torch.compile(lambda x: x * 2)(torch.ones(2, device=dev))  # fails fast without a working toolchain
+            model = torch.compile(model)
+        except Exception as e:
+            print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                  "running without it")
+    eval_model = model  # compiled, but outside DDP: evaluation needs no gradient sync
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    ctx = autocast_ctx(dev, ptdtype)
+
+    if data_state is None and resume_iter > 0:
+        train_batches = batches("train", stream_seed=seed + resume_iter)
+    else:
+        train_batches = batches("train", state=data_state)
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean loss on eval_iters batches of each split (the same batches every time)."""
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            stream = batches(split, stream_seed=seed + 1)
+            total = torch.zeros((), device=dev)
+            for _ in range(eval_iters):
+                x, y = next(stream)
+                with ctx:
+                    eval_model(x, y)
+                total += raw_model.last_loss.float()
+            if ddp:
+                dist.all_reduce(total)
+            out[split] = total.item() / (eval_iters * world_size)
+        model.train()
+        return out
+
+    def write_checkpoint(path):
+        states = [train_batches_state]
+        if ddp:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, train_batches_state)
+            states = gathered
+        if not master:
+            return
+        ckpt = checkpoint_dict(raw_model, model_args, optimizer=[o.state_dict() for o in optimizers],
+                               scaler=scaler.state_dict() if scaler.is_enabled() else None, iter_num=iter_num,
+                               best_val_loss=best_val_loss, config=config, rng=rng_state(),
+                               data_state={"world_size": world_size, "ranks": states},
+                               tokenizer=tokenizer.model_bytes)
+        save_checkpoint(ckpt, path)
+
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    history = metrics_history(metrics_path, resume_iter) if master and resuming else []
+    if master:
+        with open(metrics_path, "w") as f:  # drop what a cut-off run logged after its last checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in history)
+
+    def record(entry):
+        history.append(entry)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if wandb_log:
+            wandb.log(entry, step=entry["iter"])
+
+    if master:
+        if wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
+        n = raw_model.num_params()
+        print(f"model: {n / 1e6:.2f}M parameters ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M without "
+              f"embeddings), {n_layers} layers, dim {dim}, {n_heads} heads ({n_kv_heads} kv), "
+              f"context {max_seq_len}, vocab {vocab_size}")
+        print(f"data: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} val "
+              f"tokens in {data_dir}/tok{vocab_size}")
+        print(f"device {dev}, dtype {ptdtype}, {world_size} process(es), compile {use_compile and model is not raw_model}")
+        print(f"tokens per iteration: {tokens_per_iter:,} = {gradient_accumulation_steps} accumulation x "
+              f"{batch_size} batch x {max_seq_len} tokens (over {world_size} processes)")
+
+    # ---- the training loop
+    stop = StopRequest()
+    train_batches_state = train_batches.state_dict()  # the state that yields the batch in hand next
+    x, y = next(train_batches)
+    bad_steps = torch.zeros((), device=dev)  # consecutive non-finite steps, counted on the device
+    skipped = torch.zeros((), device=dev)  # all of them
+    t_last, iters_since_log, ms_per_iter = time.time(), 0, None
+    grad_norm = torch.zeros((), device=dev)
+    loss = torch.zeros((), device=dev)
+    while True:
+        last = iter_num >= max_iters
+        # (a resumed run does not repeat the evaluation its checkpoint was written after)
+        if eval_only or ((iter_num % eval_interval == 0 or last) and iter_num != resumed_at):
+            t_eval = time.time()
+            losses = evaluate()
+            val_bpb = losses["val"] * tokens_per_byte / math.log(2)
+            if master:
+                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                      f"val {val_bpb:.4f} bits/byte")
+                record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+                        "val_loss": losses["val"], "val_bpb": val_bpb})
+                plot_losses(history, os.path.join(out_dir, "loss.png"))
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > 0 and not eval_only:
+                write_checkpoint(ckpt_path)
+                if improved and not always_save_checkpoint:
+                    write_checkpoint(os.path.join(out_dir, "best.pt"))
+            t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
+        if last or eval_only:
+            break
+        stop_now = stop.signal is not None
+        if ddp and iter_num % log_interval == 0:  # all processes stop at the same iteration (checked with the logs)
+            flag = torch.tensor(float(stop_now), device=dev)
+            dist.all_reduce(flag)
+            stop_now = flag.item() > 0
+        elif ddp:
+            stop_now = False
+        if stop_now:
+            if iter_num > resume_iter:
+                write_checkpoint(ckpt_path)
+            if master:
+                print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with the same command "
+                      "(init_from='auto' continues from it).")
+            break
+
+        # one optimizer step over `accum` micro-batches
+        set_lr(optimizers, iter_num)
+        loss_sum = torch.zeros((), device=dev)
+        for micro_step in range(accum):
+            sync = not ddp or micro_step == accum - 1  # all-reduce gradients only on the last micro-step
+            with (nullcontext() if sync else model.no_sync()), ctx:
+                model(x, y)
+                loss = raw_model.last_loss / accum
+            if micro_step == accum - 1:
+                train_batches_state = train_batches.state_dict()
+            x, y = next(train_batches)  # fetch the next batch while the device works on this one
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        for opt in optimizers:
+            scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else 1e30)
+        bad = ~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)
+        if scaler.is_enabled():
+            # float16: the scaler skips steps whose gradients overflowed (and lowers its scale)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+        elif optimizer == "adamw":
+            # fused AdamW skips the update on the device when found_inf is set: no host sync needed
+            opt = optimizers[0]
+            opt.grad_scale, opt.found_inf = None, bad.float()
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        elif not bad.item():  # Muon has no on-device skip, so it checks on the host
+            for opt in optimizers:
+                opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        bad_steps = (bad_steps + 1) * bad  # consecutive count: reset by a good step
+        skipped += bad
+        iter_num += 1
+        iters_since_log += 1
+
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            # the only host syncs of the loop
+            n_bad, n_skipped = int(bad_steps.item()), int(skipped.item())
+            lossf, normf = loss_sum.item(), grad_norm.item()
+            dt = time.time() - t_last
+            t_last, ms = time.time(), dt / iters_since_log * 1000
+            iters_since_log = 0
+            if iter_num - resume_iter > 2:  # skip the first steps (compile, allocator warm-up) in the averages
+                ms_per_iter = ms if ms_per_iter is None else 0.9 * ms_per_iter + 0.1 * ms
+            mfu = raw_model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
+            if master:
+                eta = (max_iters - iter_num) * (ms_per_iter or ms) / 1000
+                print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr_at(iter_num - 1):.2e} | "
+                      f"norm {normf:.2f} | {ms:.1f} ms | {tokens_per_iter / ms * 1000:,.0f} tok/s"
+                      + (f" | mfu {mfu * 100:.1f}%" if not math.isnan(mfu) else "")
+                      + (f" | {n_skipped} non-finite steps skipped" if n_skipped else "")
+                      + f" | eta {eta / 60:.1f} min", flush=True)
+                record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf,
+                        "lr": lr_at(iter_num - 1), "grad_norm": normf, "ms": ms,
+                        "tok_per_s": tokens_per_iter / ms * 1000, "mfu": None if math.isnan(mfu) else mfu,
+                        "skipped": n_skipped})
+            if n_bad >= max_bad_steps:
+                raise SystemExit(f"error: {n_bad} consecutive steps with a non-finite loss or gradient at "
+                                 f"iteration {iter_num} ({n_skipped} skipped in all); the last good "
+                                 f"checkpoint {ckpt_path} is untouched. Lower learning_rate, or use "
+                                 "dtype=bfloat16 instead of float16")
+
+    if master and not eval_only and stop.signal is None:
+        evals = [r for r in history if "val_bpb" in r]
+        best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+        print(f"done: {iter_num} iterations" + (f"; best val loss {best['val_loss']:.4f} "
+                                                 f"({best['val_bpb']:.4f} bits/byte) at iteration {best['iter']}"
+                                                 if best else ""))
+        print(f"checkpoint: {ckpt_path}; metrics: {metrics_path}"
+              + (f"; plot: {os.path.join(out_dir, 'loss.png')}" if os.path.exists(os.path.join(out_dir, 'loss.png'))
+                 else ""))
+        print(f"next: python sample.py --ckpt {ckpt_path}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    configure(globals(), sys.argv[1:])
+    train()
