@@ -159,9 +159,10 @@ def ensure_data(master):
                          f"--data_dir={data_dir} (see README.md)")
     if master:
         print(f"preparing the default Shakespeare corpus in {data_dir} (once)")
-        for verb in (["download", "shakespeare"],
-                     ["train_vocab", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}"],
-                     ["pretokenize", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}"]):
+        raw = os.path.join(data_dir, "raw", "shakespeare")
+        for verb in (["download", "shakespeare", f"--data_dir={data_dir}"],
+                     ["train_vocab", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}", f"--input={raw}"],
+                     ["pretokenize", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}", f"--input={raw}"]):
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "preprocess.py"), *verb]
             if subprocess.run(cmd).returncode != 0:
                 raise SystemExit(f"error: `python preprocess.py {' '.join(verb)}` failed (see above)")
@@ -234,7 +235,10 @@ def train():
                          f"by the number of processes ({world_size}); e.g. --gradient_accumulation_steps="
                          f"{world_size * max(1, gradient_accumulation_steps // world_size)}")
     if ddp:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        if device_type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=torch.device(dev))
+        else:
+            dist.init_process_group(backend="gloo")
     accum = gradient_accumulation_steps // world_size
     tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
     if master:
@@ -267,7 +271,7 @@ def train():
     if init_from == "resume" and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=scratch")
     resuming = init_from == "resume" or (init_from == "auto" and os.path.exists(ckpt_path))
-    ckpt = load_checkpoint(ckpt_path, map_location=dev) if resuming else None
+    ckpt = load_checkpoint(ckpt_path) if resuming else None  # on the CPU; load_state_dict moves to the device
     if ckpt is not None:
         differs = {k: (v, getattr(model_args, k)) for k, v in ckpt["model_args"].items()
                    if getattr(model_args, k, None) != v}

