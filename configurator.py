@@ -4,8 +4,9 @@ Settings from the command line, applied to a script's globals (nanoGPT's "poor m
     python train.py configs/tiny.py --batch_size=32 --compile=False
 
 Each argument is either a config file (a .py file of plain assignments, executed) or --key=value, applied left to
-right. A setting is any global of the calling script whose name does not start with "_" and whose value is a
-bool, int, float, str, tuple, list or None. Values are Python literals (ast.literal_eval), else taken as strings;
+right; `--key value` (two arguments) means the same, and dashes in a key stand for underscores (--tokenizer-out is
+--tokenizer_out). A setting is any global of the calling script whose name does not start with "_" and whose value
+is a bool, int, float, str, tuple, list or None. Values are Python literals (ast.literal_eval), else taken as strings;
 the type must match the default's (an int is accepted for a float; a bool only from True/False).
 
 The calling script does:
@@ -95,11 +96,31 @@ def apply_config_file(path, g, known):
     return updates
 
 
+def joined(argv):
+    """argv with each `--key value` pair joined into --key=value.
+
+    A lone --key followed by an argument that is not itself an option takes it as its value, so
+    `python sample.py --ckpt output/ckpt.pt` works as people type it. A --key with nothing usable after it is
+    left alone, to be reported as malformed.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and len(arg) > 2 and "=" not in arg and arg != "--help" \
+                and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def configure(g, argv):
     """Apply config files and --key=value overrides in argv to the settings in g; returns what changed."""
     known = settings_of(g)
     changed = {}
-    for arg in argv:
+    for arg in joined(argv):
         if arg in ("-h", "--help"):
             print("settings (override with --key=value, or put assignments in a config file):")
             for k in known:
@@ -111,6 +132,8 @@ def configure(g, argv):
         if not arg.startswith("--") or "=" not in arg:
             fail(f"malformed argument '{arg}'; use --key=value (e.g. --batch_size=32) or a config file path")
         key, text = arg[2:].split("=", 1)
+        if key not in known and key.replace("-", "_") in known:
+            key = key.replace("-", "_")  # --tokenizer-out for tokenizer_out, as command-line habit has it
         if key not in known:
             unknown(key, known, "")
         g[key] = changed[key] = checked(key, parse_value(text, g[key]), g[key])

@@ -328,17 +328,18 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
+    ids = None  # when set: the vocabulary ids of the columns left in logits, likeliest first
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # sample among the k likeliest only: softmax and draw over k columns, not the whole vocabulary
+        logits, ids = torch.topk(logits, top_k, dim=-1)
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        if ids is None:
+            probs, ids = probs.sort(dim=-1, descending=True)
         # drop a token when the likelier ones before it already reach top_p (the first one always stays)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, num_samples=1)[:, 0]
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    choice = torch.multinomial(probs, num_samples=1)
+    return (choice if ids is None else ids.gather(-1, choice))[:, 0]
 
 
 # -----------------------------------------------------------------------------

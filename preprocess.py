@@ -1052,6 +1052,10 @@ class Task:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --vocab=3 is a typo, not --vocab_size
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, not the usage block
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 

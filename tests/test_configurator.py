@@ -121,3 +121,24 @@ def test_errors_from_a_real_script_have_no_traceback(tmp_path):
     assert bad.stderr.strip() == "error: unknown setting --batchsize; did you mean --batch_size?"
     helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--batch_size=8" in helped.stdout
+
+
+def test_space_separated_values_and_dashed_keys():
+    g = defaults()
+    changed = configure(g, ["--out_dir", "runs/b", "--batch_size", "4", "--learning_rate=1e-3", "--wandb-run-name",
+                            "exp2", "--betas", "(0.7, 0.8)"])
+    assert g["out_dir"] == "runs/b" and g["batch_size"] == 4 and g["learning_rate"] == 1e-3
+    assert g["wandb_run_name"] == "exp2" and g["betas"] == (0.7, 0.8)
+    assert set(changed) == {"out_dir", "batch_size", "learning_rate", "wandb_run_name", "betas"}
+    g = defaults()
+    configure(g, ["--out_dir", "-dashed"])  # a value may start with one dash
+    assert g["out_dir"] == "-dashed"
+
+
+def test_space_form_keeps_checks(capsys):
+    err, _ = run_configure(["--batch_size", "many"], capsys)
+    assert "--batch_size must be int" in err
+    err, _ = run_configure(["--out_dir", "--batch_size=3"], capsys)  # an option is never taken as a value
+    assert "malformed argument '--out_dir'" in err
+    err, _ = run_configure(["--batch-sise", "3"], capsys)
+    assert "unknown setting --batch-sise; did you mean --batch_size?" in err

@@ -1,0 +1,194 @@
+"""
+Sample text from a trained tinyllm checkpoint; the text streams to stdout as it is generated.
+
+    python sample.py --ckpt output/ckpt.pt
+    python sample.py --ckpt output/ckpt.pt --start "Once upon a time" --num_samples=3 --temperature=0.8
+    python sample.py --ckpt output/ckpt.pt --start FILE:prompt.txt --temperature=0     # greedy
+    python sample.py --ckpt output/ckpt.pt --top_k=0 --top_p=0.9 --max_new_tokens=500
+
+The tokenizer travels inside the checkpoint; --tokenizer=path.model overrides it (its vocab size must match the
+model's). Each sample is BOS + the prompt, continued until EOS or max_new_tokens, using the model's KV cache.
+Samples are separated by a line of dashes; tokens/s goes to stderr at the end.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+from configurator import configure
+from model import Transformer, autocast_ctx, load_checkpoint, pick_device, pick_dtype
+from preprocess import Tokenizer
+
+# -----------------------------------------------------------------------------
+ckpt = "output/ckpt.pt"  # a checkpoint written by train.py
+start = ""  # the prompt: text, or FILE:path to read it from a file; "" starts from BOS alone
+num_samples = 1
+max_new_tokens = 256
+temperature = 0.8  # 0: greedy (always the likeliest token)
+top_k = 200  # sample among the k likeliest tokens only; 0: no limit
+top_p = 1.0  # nucleus sampling: only the likeliest tokens whose probabilities add up to top_p; 1.0: off
+seed = 1337
+device = "auto"  # "auto" (cuda, mps, cpu in that order), "cpu", "cuda", "cuda:1", "mps"
+dtype = "auto"  # "auto" (bfloat16 where supported, float16 on older GPUs, float32 on CPU), or explicit
+compile = False  # torch.compile the forward pass (pays off only for long or many samples)
+tokenizer = ""  # a sentencepiece .model to use instead of the one stored in the checkpoint
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def load_model(ckpt_path, tokenizer_path=""):
+    """The model (on CPU, eval mode) and tokenizer of a checkpoint, or a one-line error. Returns (model, tok, ckpt)."""
+    ck = load_checkpoint(ckpt_path)  # weights_only: refuses pickled code without running it
+    try:
+        model = Transformer.from_checkpoint(ck)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        fail(f"{ckpt_path}: its weights do not fit its model_args ({str(e).strip().splitlines()[0]}); the file is "
+             "damaged or was not written by this version of tinyllm")
+    model.eval()
+    if tokenizer_path:
+        if not os.path.isfile(tokenizer_path):
+            fail(f"no tokenizer at --tokenizer={tokenizer_path}; give a sentencepiece .model file, or leave "
+                 "--tokenizer out to use the one stored in the checkpoint")
+        tok = Tokenizer(tokenizer_path)
+        if ck.get("tokenizer") is not None and tok.model_bytes != bytes(ck["tokenizer"]):
+            print(f"warning: {tokenizer_path} is not the tokenizer this model was trained with (the checkpoint "
+                  "holds its own; drop --tokenizer to use it)", file=sys.stderr)
+    elif ck.get("tokenizer") is not None:
+        tok = Tokenizer.from_bytes(ck["tokenizer"])
+    else:
+        fail(f"{ckpt_path} holds no tokenizer; pass the one it was trained with, e.g. --tokenizer=data/tok4096.model")
+    if tok.vocab_size != model.args.vocab_size:
+        fail(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is {model.args.vocab_size}; "
+             "pass the tokenizer the model was trained with (or drop --tokenizer to use the checkpoint's own)")
+    return model, tok, ck
+
+
+def read_prompt(start):
+    """The prompt text: start itself, or the contents of the file named by FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        fail(f"cannot read the prompt file {path} ({e.strerror}); give an existing file as --start=FILE:path")
+    except UnicodeDecodeError:
+        fail(f"the prompt file {path} is not UTF-8 text")
+    # editors end files with a newline the user did not mean as part of the prompt
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def prompt_ids(tok, text, max_seq_len):
+    """BOS + the encoded prompt, cropped to its last max_seq_len tokens (with a warning) if longer."""
+    ids = tok.encode(text, bos=True)
+    if len(ids) > max_seq_len:
+        print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {max_seq_len}; "
+              f"keeping its last {max_seq_len} tokens", file=sys.stderr)
+        ids = ids[-max_seq_len:]
+    return ids
+
+
+class TextStream:
+    """Text for a growing list of token ids, in printable pieces as the ids arrive.
+
+    Decoding each new token alone would be wrong: sentencepiece drops the leading space of the first piece it
+    decodes, and byte-fallback tokens (<0xE2> <0x80> <0x99>) make a character only together. So each step decodes
+    a short window ending at the newest token and prints what the newest tokens add to the window's text; text
+    ending in an unfinished UTF-8 sequence (decoded as U+FFFD) waits until the sequence completes.
+    """
+
+    def __init__(self, tok, ids):
+        self.tok = tok
+        self.ids = list(ids)
+        self.prefix = 0  # the window starts here: tokens already printed, decoded for context
+        self.read = 0  # tokens before this were printed
+
+    def add(self, token_id):
+        self.ids.append(token_id)
+        return self.take()
+
+    def take(self, final=False):
+        """The text not printed yet ('' while a multi-byte character is incomplete, unless final)."""
+        seen = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") and not final:
+            return ""
+        if not text.startswith(seen):  # not expected with sentencepiece; print what differs rather than nothing
+            seen = os.path.commonprefix([seen, text])
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(seen):]
+
+
+def stream_sample(model, tok, ids, write, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    """Continue the prompt ids, calling write(text) with the prompt and then each new piece of text as soon as it
+    is sampled. Returns the new token ids (ending with EOS when the model produced it)."""
+    stream = TextStream(tok, ids)
+    write(stream.take())
+    idx = torch.tensor([ids], dtype=torch.long, device=model.tok_embeddings.weight.device)
+    new = []
+    for next_id in model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p,
+                                         eos_id=tok.eos_id):
+        new.append(int(next_id[0]))
+        if new[-1] != tok.eos_id:
+            write(stream.add(new[-1]))
+    write(stream.take(final=True))
+    return new
+
+
+def write_stdout(text):
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()  # show each token as it comes, even through a pipe
+
+
+def main():
+    if num_samples < 1 or max_new_tokens < 1:
+        fail("--num_samples and --max_new_tokens must be >= 1")
+    if temperature < 0:
+        fail(f"--temperature must be >= 0 (0 is greedy), not {temperature}")
+    if top_k < 0:
+        fail(f"--top_k must be >= 0 (0 turns it off), not {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        fail(f"--top_p must be in (0, 1] (1.0 turns it off), not {top_p}")
+    text = read_prompt(start)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model, tok, ck = load_model(ckpt, tokenizer)
+    model.to(dev)
+    if compile:
+        # compile forward itself: generate() calls self(...), which a torch.compile(model) wrapper would bypass
+        model.forward = torch.compile(model.forward, dynamic=True)
+    ids = prompt_ids(tok, text, model.args.max_seq_len)
+    torch.manual_seed(seed)
+    print(f"{ckpt}: iteration {ck.get('iter_num', '?')}, {model.num_params() / 1e6:.1f}M parameters, "
+          f"on {dev} in {dt}", file=sys.stderr)
+
+    n_tokens, seconds = 0, 0.0
+    with autocast_ctx(dev, dt):
+        for i in range(num_samples):
+            if i:
+                write_stdout("-" * 40 + "\n")  # between samples
+            t0 = time.perf_counter()
+            new = stream_sample(model, tok, ids, write_stdout, max_new_tokens, temperature, top_k, top_p)
+            seconds += time.perf_counter() - t0
+            n_tokens += len(new)
+            write_stdout("\n")
+    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    configure(globals(), sys.argv[1:])
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # the reader went away (sample.py | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -1,0 +1,304 @@
+"""sample.py: streamed sampling from a checkpoint — greedy equals the cache-less model, EOS, top-k/top-p, prompts,
+the tokenizer inside the checkpoint, and one-line errors. Uses a tiny tokenizer and model trained here."""
+
+import copy
+import importlib
+import io
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import sentencepiece as spm
+import torch
+
+import sample
+from configurator import configure
+from model import ModelArgs, Transformer, checkpoint_dict, save_checkpoint
+from preprocess import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -----------------------------------------------------------------------------
+# a tiny world: text, a sentencepiece BPE tokenizer trained on it, a model trained on it (shared with test_export)
+
+def make_corpus(seed=0, n=400):
+    rng = random.Random(seed)
+    names = ["Lily", "Tom", "Zoë", "Max", "Ana"]
+    things = ["red ball", "big dog", "café", "little boat", "shiny star 🌟", "naïve cat"]
+    places = ["park", "garden", "sea", "forest"]
+    docs = []
+    for _ in range(n):
+        name, thing, place = rng.choice(names), rng.choice(things), rng.choice(places)
+        docs.append(f"{name} saw a {thing} in the {place}. {name} was happy.\n"
+                    f"They played with {rng.randint(1, 99)} friends.")
+    return docs
+
+
+def train_tokenizer(docs, vocab_size):
+    """sentencepiece BPE with the settings preprocess.py uses (byte fallback, unk=0, bos=1, eos=2, no pad)."""
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs), model_writer=out, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, num_threads=1, minloglevel=2)
+    return out.getvalue()
+
+
+def train_model(tok, docs, steps=60, **shape):
+    """A small GQA model trained briefly on BOS + doc + EOS sequences, so greedy output is text, not noise."""
+    torch.manual_seed(0)
+    args = ModelArgs(**{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": tok.vocab_size,
+                        "max_seq_len": 64, **shape})
+    m = Transformer(args)
+    stream = torch.tensor([i for d in docs for i in tok.encode(d, bos=True, eos=True)])
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    T = args.max_seq_len
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains no faster on two threads, and far slower on a busy machine
+    try:
+        for _ in range(steps):
+            starts = torch.randint(0, len(stream) - T - 1, (16,), generator=g)
+            x = torch.stack([stream[s:s + T] for s in starts])
+            y = torch.stack([stream[s + 1:s + T + 1] for s in starts])
+            m(x, y)
+            opt.zero_grad(set_to_none=True)
+            m.last_loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return m.eval(), args
+
+
+def make_checkpoint(path, vocab_size=320, **shape):
+    """(checkpoint path, model, Tokenizer) for a freshly trained tiny model, saved as train.py saves it."""
+    docs = make_corpus()
+    tok = Tokenizer.from_bytes(train_tokenizer(docs, vocab_size))
+    m, args = train_model(tok, docs, **shape)
+    save_checkpoint(checkpoint_dict(m, args, tokenizer=tok.model_bytes, iter_num=60, best_val_loss=1.0,
+                                    config={"vocab_size": vocab_size}), path)
+    return path, m, tok
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path, m, tok = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+    return {"ckpt": str(path), "model": m, "tok": tok}
+
+
+def run_main(argv):
+    """sample.py's command line, in this process (fresh settings each time)."""
+    mod = importlib.reload(sample)
+    configure(vars(mod), argv)
+    mod.main()
+
+
+def one_line_error(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as e:
+        run_main(argv)
+    message = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
+    assert e.value.code != 0
+    assert message.startswith("error: ") and "\n" not in message.strip(), message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def collect(m, tok, ids, **kw):
+    pieces = []
+    new = sample.stream_sample(m, tok, ids, pieces.append, **kw)
+    return "".join(pieces), new
+
+
+# -----------------------------------------------------------------------------
+
+def test_greedy_equals_generate_without_cache(world):
+    m, tok = world["model"], world["tok"]
+    ids = sample.prompt_ids(tok, "Lily saw a", m.args.max_seq_len)
+    text, new = collect(m, tok, ids, max_new_tokens=100, temperature=0)  # 100 > max_seq_len: the window slides
+    slow = m.generate(torch.tensor([ids]), 100, temperature=0, eos_id=tok.eos_id, use_cache=False)[0].tolist()
+    assert ids + new == slow[:len(ids) + len(new)]
+    assert len(new) == 100 or new[-1] == tok.eos_id
+    assert text == tok.decode(ids + new) and text.startswith("Lily saw a")
+    assert len(set(new)) > 5  # trained: real text, not one token repeated
+
+
+def test_eos_stops_and_is_not_printed(world):
+    m, tok = world["model"], world["tok"]
+    ids = sample.prompt_ids(tok, "Tom saw a", m.args.max_seq_len)
+    _, greedy = collect(m, tok, ids, max_new_tokens=12, temperature=0)
+    tok_eos = copy.copy(tok)
+    tok_eos.eos_id = greedy[4]  # declare the 5th greedy token the end of text
+    first = greedy.index(greedy[4])
+    text, new = collect(m, tok_eos, ids, max_new_tokens=12, temperature=0)
+    assert new == greedy[:first + 1]
+    assert text == tok.decode(ids + greedy[:first])
+
+
+def test_top_k_and_top_p_stay_in_bounds(world):
+    m, tok = world["model"], world["tok"]
+    ids = sample.prompt_ids(tok, "Ana saw", m.args.max_seq_len)
+    _, greedy = collect(m, tok, ids, max_new_tokens=20, temperature=0)
+    torch.manual_seed(1)
+    assert collect(m, tok, ids, max_new_tokens=20, temperature=1.5, top_k=1)[1] == greedy
+    assert collect(m, tok, ids, max_new_tokens=20, temperature=1.5, top_p=1e-6)[1] == greedy
+    # a token may be drawn only if fewer than k tokens are likelier / the likelier ones add up to less than p
+    for kw, check in [({"top_k": 3}, lambda probs, t: (probs > probs[t]).sum() < 3),
+                      ({"top_p": 0.5}, lambda probs, t: probs[probs > probs[t]].sum() < 0.5)]:
+        _, new = collect(m, tok, ids, max_new_tokens=30, temperature=2.0, **kw)
+        seq = ids + new
+        for t in range(len(ids), len(seq)):
+            probs = torch.softmax(m(torch.tensor([seq[:t]]))[0, -1] / 2.0, -1)
+            assert check(probs, seq[t]), (kw, t)
+
+
+def test_streaming_writes_each_token_as_it_is_sampled(world, monkeypatch):
+    m, tok = world["model"], world["tok"]
+    forwards = []
+    plain_forward = m.forward
+    monkeypatch.setattr(m, "forward", lambda *a, **k: forwards.append(1) or plain_forward(*a, **k))
+    writes = []
+    ids = sample.prompt_ids(tok, "Zoë saw a café", m.args.max_seq_len)
+    new = sample.stream_sample(m, tok, ids, lambda s: writes.append((len(forwards), s)), max_new_tokens=25,
+                               temperature=0)
+    assert writes[0] == (0, "Zoë saw a café")  # the prompt comes first, before any forward pass
+    # one write per sampled token, right after the forward pass that produced it
+    assert [n for n, _ in writes[1:len(new) + 1]] == list(range(1, len(new) + 1))
+    assert "".join(s for _, s in writes) == tok.decode(ids + [t for t in new if t != tok.eos_id])
+
+
+def test_text_stream_handles_byte_fallback_and_spaces(world):
+    tok = world["tok"]
+    rng = random.Random(0)
+    special = {tok.bos_id, tok.eos_id, 0}
+    texts = ["a 🙂 star 🌟", "ß → ∑ 日本語 🙂🙂", "  two  spaces\nand a line "]
+    assert all(any(tok.sp.is_byte(i) for i in tok.encode(t)) for t in texts[:2])  # characters only seen as bytes
+    for text in texts:
+        ids = tok.encode(text, bos=True)
+        stream = sample.TextStream(tok, ids[:1])
+        pieces = [stream.add(i) for i in ids[1:]] + [stream.take(final=True)]
+        assert "".join(pieces) == text
+        assert not any("\ufffd" in p for p in pieces)  # never half a character
+    for _ in range(200):  # any id sequence, valid UTF-8 or not: the pieces add up to the full decode
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]
+        ids = [i for i in ids if i not in special]
+        stream = sample.TextStream(tok, [tok.bos_id])
+        assert "".join([stream.add(i) for i in ids] + [stream.take(final=True)]) == tok.decode(ids)
+
+
+def test_file_prompt_and_tokenizer_from_checkpoint(world, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Max saw a little boat\n", encoding="utf-8")  # the editor's newline is not part of it
+    run_main(["--ckpt", world["ckpt"], f"--start=FILE:{prompt}", "--temperature=0", "--max_new_tokens=15"])
+    from_file = capsys.readouterr()
+    run_main(["--ckpt", world["ckpt"], "--start=Max saw a little boat", "--temperature=0", "--max_new_tokens=15"])
+    inline = capsys.readouterr()
+    assert from_file.out == inline.out and from_file.out.startswith("Max saw a little boat")
+    assert "tokens/s" in from_file.err
+    # the same tokenizer given explicitly changes nothing; a different one of the same size gets a warning
+    tok_path = tmp_path / "tok.model"
+    tok_path.write_bytes(world["tok"].model_bytes)
+    run_main(["--ckpt", world["ckpt"], f"--tokenizer={tok_path}", "--start=Max saw a little boat",
+              "--temperature=0", "--max_new_tokens=15"])
+    explicit = capsys.readouterr()
+    assert explicit.out == inline.out and "warning" not in explicit.err
+    other = tmp_path / "other.model"
+    other.write_bytes(train_tokenizer(make_corpus(seed=2), 320))
+    run_main(["--ckpt", world["ckpt"], f"--tokenizer={other}", "--max_new_tokens=5"])
+    assert "not the tokenizer this model was trained with" in capsys.readouterr().err
+    # a checkpoint without its tokenizer needs --tokenizer
+    ck = torch.load(world["ckpt"], weights_only=True)
+    del ck["tokenizer"]
+    bare = tmp_path / "bare.pt"
+    torch.save(ck, bare)
+    one_line_error(capsys, ["--ckpt", str(bare)], "holds no tokenizer", "--tokenizer=")
+    run_main(["--ckpt", str(bare), f"--tokenizer={tok_path}", "--start=Max saw a little boat", "--temperature=0",
+              "--max_new_tokens=15"])
+    assert capsys.readouterr().out == inline.out
+
+
+def test_samples_are_separated_and_seeded(world, capsys):
+    argv = ["--ckpt", world["ckpt"], "--start=Lily", "--num_samples=3", "--max_new_tokens=20", "--seed=7"]
+    run_main(argv)
+    first = capsys.readouterr().out
+    run_main(argv)
+    assert capsys.readouterr().out == first  # same seed, same samples
+    samples = first.split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 3 and all(s.startswith("Lily") for s in samples)
+    run_main(argv[:-1] + ["--seed=8"])
+    assert capsys.readouterr().out != first
+
+
+def test_long_prompt_is_cropped_with_a_warning(world, capsys):
+    long = " ".join(["Lily saw a red ball in the park."] * 20)
+    run_main(["--ckpt", world["ckpt"], f"--start={long}", "--temperature=0", "--max_new_tokens=5"])
+    out, err = capsys.readouterr()
+    assert "warning: the prompt is" in err and "keeping its last 64 tokens" in err
+    tok = world["tok"]
+    kept = tok.decode(tok.encode(long, bos=True)[-64:])
+    assert out.startswith(kept) and long.endswith(kept) and len(out) > len(kept)
+
+
+def test_error_paths_are_one_line(world, tmp_path, capsys):
+    one_line_error(capsys, ["--ckpt", str(tmp_path / "nope.pt")], "no checkpoint at")
+    truncated = tmp_path / "truncated.pt"
+    data = open(world["ckpt"], "rb").read()
+    truncated.write_bytes(data[:len(data) // 2])
+    one_line_error(capsys, ["--ckpt", str(truncated)], "truncated")
+    not_ours = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, not_ours)
+    one_line_error(capsys, ["--ckpt", str(not_ours)], "not a tinyllm checkpoint")
+    mangled = tmp_path / "mangled.pt"
+    ck = torch.load(world["ckpt"], weights_only=True)
+    del ck["model"]["norm.weight"]
+    torch.save(ck, mangled)
+    one_line_error(capsys, ["--ckpt", str(mangled)], "do not fit its model_args")
+    other_tok = tmp_path / "other.model"
+    other_tok.write_bytes(train_tokenizer(make_corpus(seed=1), 350))
+    one_line_error(capsys, ["--ckpt", world["ckpt"], f"--tokenizer={other_tok}"], "350 pieces", "vocab_size is 320")
+    one_line_error(capsys, ["--ckpt", world["ckpt"], f"--tokenizer={tmp_path / 'no.model'}"], "no tokenizer at")
+    one_line_error(capsys, ["--ckpt", world["ckpt"], f"--start=FILE:{tmp_path / 'missing.txt'}"],
+                   "cannot read the prompt file")
+    for bad, fragment in [("--temperature=-1", "--temperature"), ("--top_p=0", "--top_p"), ("--top_k=-2", "--top_k"),
+                          ("--num_samples=0", "--num_samples")]:
+        one_line_error(capsys, ["--ckpt", world["ckpt"], bad], fragment)
+
+
+class RunsCode:
+    """Unpickling this would call open(path, "w"): a stand-in for arbitrary code in a malicious checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused_unrun(world, tmp_path, capsys):
+    ck = torch.load(world["ckpt"], weights_only=True)
+    marker = tmp_path / "was_run"
+    ck["config"]["payload"] = RunsCode(str(marker))
+    evil = tmp_path / "evil.pt"
+    torch.save(ck, evil)
+    one_line_error(capsys, ["--ckpt", str(evil)], "pickled Python objects", "nothing in it was executed")
+    assert not marker.exists()
+
+
+def test_command_line(world, tmp_path):
+    """The documented command (`--ckpt path`, a space), streamed to a pipe; errors have no traceback."""
+    run = lambda *argv: subprocess.run([sys.executable, "sample.py", *argv], cwd=REPO, capture_output=True,
+                                       text=True, timeout=120)
+    ok = run("--ckpt", world["ckpt"], "--start", "Tom saw", "--num_samples", "2", "--max_new_tokens", "10",
+             "--temperature=0")
+    assert ok.returncode == 0, ok.stderr
+    first, second = ok.stdout.split("-" * 40 + "\n")
+    assert first == second and first.startswith("Tom saw")
+    assert "tokens/s" in ok.stderr.splitlines()[-1]
+    bad = run("--ckpt", str(tmp_path / "missing.pt"))
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: no checkpoint at")
