@@ -477,8 +477,12 @@ def train():
             dt = time.time() - t_last
             t_last, ms = time.time(), dt / iters_since_log * 1000
             iters_since_log = 0
+            first_estimate = ms_per_iter is None
             if iter_num - resume_iter > 2:  # skip the first steps (compile, allocator warm-up) in the averages
                 ms_per_iter = ms if ms_per_iter is None else 0.9 * ms_per_iter + 0.1 * ms
+            if master and first_estimate and ms_per_iter is not None:
+                print(f"estimated training time: {(max_iters - iter_num) * ms_per_iter / 60000:.1f} min for the "
+                      f"remaining {max_iters - iter_num} iterations at {ms_per_iter:.0f} ms each (plus evaluations)")
             mfu = raw_model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
             if master:
                 eta = (max_iters - iter_num) * (ms_per_iter or ms) / 1000
@@ -503,7 +507,9 @@ def train():
         print(f"done: {iter_num} iterations" + (f"; best val loss {best['val_loss']:.4f} "
                                                  f"({best['val_bpb']:.4f} bits/byte) at iteration {best['iter']}"
                                                  if best else ""))
-        print(f"checkpoint: {ckpt_path}; metrics: {metrics_path}"
+        best_path = os.path.join(out_dir, "best.pt")
+        print(f"checkpoint: {ckpt_path}" + (f" (lowest val loss: {best_path})" if os.path.exists(best_path) else "")
+              + f"; metrics: {metrics_path}"
               + (f"; plot: {os.path.join(out_dir, 'loss.png')}" if os.path.exists(os.path.join(out_dir, 'loss.png'))
                  else ""))
         print(f"next: python sample.py --ckpt {ckpt_path}")
