@@ -70,7 +70,7 @@ def test_readme_has_the_quick_start_and_test_commands():
     commands = readme_commands()
     assert "python train.py configs/tiny.py" in commands
     assert "python sample.py --ckpt output/ckpt.pt" in commands
-    assert "python -m pytest -q" in commands
+    assert "python -m pytest -q" in commands and "pip install -r requirements-dev.txt" in commands
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "readme_command quickstart" in ci and "readme_command tests" in ci
 
