@@ -237,10 +237,7 @@ class Transformer(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0}]
         print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters); "
               f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
-        # the fused kernel is several times faster than the per-tensor loop, on CPUs too
-        fused = device_type in ("cuda", "cpu", "mps")
-        print(f"AdamW fused: {fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return adamw(groups, learning_rate, betas, device_type)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak dense bf16 FLOP/s.
@@ -316,11 +313,23 @@ class Transformer(nn.Module):
                 for _ in range(a.n_layers)]
 
     @classmethod
-    def from_checkpoint(cls, ckpt):
-        """Build the model a checkpoint describes and load its weights (every key must match)."""
-        model = cls(ModelArgs(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"], strict=True)
+    def from_checkpoint(cls, ckpt, path="the checkpoint"):
+        """Build the model a checkpoint describes and load its weights (every key must match), or a one-line error."""
+        try:
+            model = cls(ModelArgs(**ckpt["model_args"]))
+            model.load_state_dict(ckpt["model"], strict=True)
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
+            detail = " ".join(str(e).split())  # load_state_dict names the keys over several lines
+            raise SystemExit(f"error: {path}: its weights do not fit its model_args ({detail[:300]}); the file is "
+                             "damaged or was not written by this version of tinyllm") from None
         return model
+
+
+def adamw(param_groups, learning_rate, betas, device_type):
+    """AdamW, fused where PyTorch has the kernel: several times faster than the per-tensor loop, on CPUs too."""
+    fused = device_type in ("cuda", "cpu", "mps")
+    print(f"AdamW fused: {fused}")
+    return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, fused=fused)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

@@ -44,12 +44,7 @@ def fail(message):
 def load_model(ckpt_path, tokenizer_path=""):
     """The model (on CPU, eval mode) and tokenizer of a checkpoint, or a one-line error. Returns (model, tok, ckpt)."""
     ck = load_checkpoint(ckpt_path)  # weights_only: refuses pickled code without running it
-    try:
-        model = Transformer.from_checkpoint(ck)
-    except (RuntimeError, ValueError, TypeError, KeyError) as e:
-        fail(f"{ckpt_path}: its weights do not fit its model_args ({str(e).strip().splitlines()[0]}); the file is "
-             "damaged or was not written by this version of tinyllm")
-    model.eval()
+    model = Transformer.from_checkpoint(ck, ckpt_path).eval()
     if tokenizer_path:
         if not os.path.isfile(tokenizer_path):
             fail(f"no tokenizer at --tokenizer={tokenizer_path}; give a sentencepiece .model file, or leave "

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, settings_of
-from model import (ModelArgs, Transformer, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
+from model import (ModelArgs, Transformer, adamw, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
                    pick_dtype, save_checkpoint)
 from preprocess import Task, Tokenizer, load_meta
 
@@ -112,16 +112,29 @@ def build_optimizers(model, device_type):
         print(f"Muon: {len(hidden)} hidden matrices; AdamW: embeddings and {len(norms)} norm gains")
         optimizers = [
             torch.optim.Muon(hidden, lr=muon_lr, weight_decay=weight_decay),
-            torch.optim.AdamW([{"params": embed, "weight_decay": weight_decay},
-                               {"params": norms, "weight_decay": 0.0}],
-                              lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu", "mps")),
+            adamw([{"params": embed, "weight_decay": weight_decay}, {"params": norms, "weight_decay": 0.0}],
+                  learning_rate, betas, device_type),
         ]
-    else:
-        raise SystemExit(f"error: unknown optimizer '{optimizer}'; choose adamw or muon")
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
     return optimizers
+
+
+def load_optimizer_states(optimizers, states, path):
+    """Moments and step counts from the checkpoint; lr, betas and weight decay from this run's settings."""
+    if len(states) != len(optimizers):
+        raise SystemExit(f"error: {path} holds the state of another optimizer; resume with the optimizer it was "
+                         "trained with, or use --init_from=scratch")
+    for opt, state in zip(optimizers, states):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        try:
+            opt.load_state_dict(state)
+        except ValueError as e:
+            raise SystemExit(f"error: {path} holds the state of another optimizer ({e}); resume with the optimizer "
+                             "it was trained with, or use --init_from=scratch") from None
+        for group, setting in zip(opt.param_groups, settings):
+            group.update(setting)
 
 
 def set_lr(optimizers, it):
@@ -154,15 +167,20 @@ def ensure_data(master):
     if os.path.exists(os.path.join(shard_dir, "meta.json")) and os.path.exists(tokenizer_path):
         return
     if dataset != "shakespeare":
-        raise SystemExit(f"error: no tokenized data in {shard_dir}; make it with `python preprocess.py download "
-                         f"{dataset}`, then train_vocab and pretokenize with --vocab_size={vocab_size} "
-                         f"--data_dir={data_dir} (see README.md)")
+        raw = "data/raw/tinystories" if dataset == "tinystories" else "YOUR_TEXT_FILES"
+        download = "`python preprocess.py download tinystories`, then " if dataset == "tinystories" else ""
+        raise SystemExit(f"error: no tokenized data in {shard_dir}; make it with {download}`python preprocess.py "
+                         f"train_vocab --vocab_size={vocab_size} --input {raw} --data_dir {data_dir}` and the same "
+                         "with pretokenize (see README.md)")
     if master:
         print(f"preparing the default Shakespeare corpus in {data_dir} (once)")
         raw = os.path.join(data_dir, "raw", "shakespeare")
-        for verb in (["download", "shakespeare", f"--data_dir={data_dir}"],
-                     ["train_vocab", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}", f"--input={raw}"],
-                     ["pretokenize", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}", f"--input={raw}"]):
+        verbs = [["download", "shakespeare", f"--data_dir={data_dir}"],
+                 ["train_vocab", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}", f"--input={raw}"],
+                 ["pretokenize", f"--vocab_size={vocab_size}", f"--data_dir={data_dir}", f"--input={raw}"]]
+        if os.path.exists(tokenizer_path):
+            del verbs[1]  # never replace a tokenizer that is already there (it may be the user's own)
+        for verb in verbs:
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "preprocess.py"), *verb]
             if subprocess.run(cmd).returncode != 0:
                 raise SystemExit(f"error: `python preprocess.py {' '.join(verb)}` failed (see above)")
@@ -172,8 +190,13 @@ def metrics_history(path, upto):
     """The metrics.jsonl records up to iteration upto; later ones belong to a run that was cut off."""
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a run killed mid-write
+                pass
     return [r for r in records if r["iter"] <= upto]
 
 
@@ -214,7 +237,26 @@ class StopRequest:
         print(f"\n{self.signal} received: finishing this step, then saving a checkpoint", flush=True)
 
 
+def check_settings():
+    """One-line errors for settings no run can use (before anything is loaded or written)."""
+    for name in ("batch_size", "max_seq_len", "vocab_size", "gradient_accumulation_steps", "eval_interval",
+                 "eval_iters", "log_interval", "max_bad_steps"):
+        if globals()[name] < 1:
+            raise SystemExit(f"error: --{name} must be >= 1, not {globals()[name]}")
+    if max_iters < 0 or learning_rate <= 0 or muon_lr <= 0 or min_lr < 0 or warmup_iters < 0:
+        raise SystemExit("error: max_iters, warmup_iters and min_lr must be >= 0, learning_rate and muon_lr > 0")
+    if compile is not None and not isinstance(compile, bool):
+        raise SystemExit(f"error: --compile must be True, False or None (on for CUDA only), not {compile!r}")
+    if lr_schedule not in ("cosine", "wsd", "constant"):
+        raise SystemExit(f"error: unknown lr_schedule '{lr_schedule}'; choose cosine, wsd or constant")
+    if optimizer not in ("adamw", "muon"):
+        raise SystemExit(f"error: unknown optimizer '{optimizer}'; choose adamw or muon")
+    if init_from not in ("scratch", "resume", "auto"):
+        raise SystemExit(f"error: unknown init_from '{init_from}'; choose scratch, resume or auto")
+
+
 def train():
+    check_settings()
     config = {k: globals()[k] for k in settings_of(globals())}
 
     # ---- processes, device, precision
@@ -266,8 +308,6 @@ def train():
                            vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
                            dropout=dropout, rope_theta=rope_theta)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if init_from not in ("scratch", "resume", "auto"):
-        raise SystemExit(f"error: unknown init_from '{init_from}'; choose scratch, resume or auto")
     if init_from == "resume" and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=scratch")
     resuming = init_from == "resume" or (init_from == "auto" and os.path.exists(ckpt_path))
@@ -279,27 +319,26 @@ def train():
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differs.items())
             raise SystemExit(f"error: {ckpt_path} was trained with another model shape ({detail}); use the "
                              f"same settings, another --out_dir, or --init_from=scratch")
-    model = Transformer(model_args)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict=True)
+        if bytes(ckpt["tokenizer"]) != tokenizer.model_bytes:
+            raise SystemExit(f"error: {ckpt_path} was trained with another tokenizer than {tokenizer.path} (same "
+                             "vocab_size, different pieces); resume with the data it was trained on, or use another "
+                             "--out_dir")
+    model = Transformer.from_checkpoint(ckpt, ckpt_path) if ckpt is not None else Transformer(model_args)
     model.to(dev)
     optimizers = build_optimizers(model, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == "float16")
     iter_num, best_val_loss, data_state = 0, float("inf"), None
     if ckpt is not None:
-        for opt, state in zip(optimizers, ckpt["optimizer"]):
-            opt.load_state_dict(state)
+        load_optimizer_states(optimizers, ckpt["optimizer"], ckpt_path)
         if ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         saved = ckpt["data_state"]
-        if saved["world_size"] == world_size:
-            data_state = saved["ranks"][rank]
-            if world_size == 1:
-                set_rng_state(ckpt["rng"])  # exact continuation (dropout masks included)
-        elif master:
-            print(f"note: the checkpoint was written by {saved['world_size']} processes, this run has "
-                  f"{world_size}: data order re-derived from seed and iteration, not continued exactly")
+        # with another number of processes every rank continues from rank 0's place in the epoch (the batch
+        # stream rescales it and says so)
+        data_state = saved["ranks"][rank] if saved["world_size"] == world_size else saved["ranks"][0]
+        if world_size == saved["world_size"] == 1:
+            set_rng_state(ckpt["rng"])  # exact continuation (dropout masks included)
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
     del ckpt
@@ -320,10 +359,7 @@ def train():
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     ctx = autocast_ctx(dev, ptdtype)
 
-    if data_state is None and resume_iter > 0:
-        train_batches = batches("train", stream_seed=seed + resume_iter)
-    else:
-        train_batches = batches("train", state=data_state)
+    train_batches = batches("train", state=data_state)
 
     @torch.no_grad()
     def evaluate():
@@ -427,9 +463,11 @@ def train():
         if stop_now:
             if iter_num > resume_iter:
                 write_checkpoint(ckpt_path)
-            if master:
-                print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with the same command "
+            if master and os.path.exists(ckpt_path):
+                print(f"stopped at iteration {iter_num}; {ckpt_path} holds it. Resume with the same command "
                       "(init_from='auto' continues from it).")
+            elif master:
+                print(f"stopped at iteration {iter_num}, before there was anything to save")
             break
 
         # one optimizer step over `accum` micro-batches
@@ -507,16 +545,19 @@ def train():
         print(f"done: {iter_num} iterations" + (f"; best val loss {best['val_loss']:.4f} "
                                                  f"({best['val_bpb']:.4f} bits/byte) at iteration {best['iter']}"
                                                  if best else ""))
-        best_path = os.path.join(out_dir, "best.pt")
-        print(f"checkpoint: {ckpt_path}" + (f" (lowest val loss: {best_path})" if os.path.exists(best_path) else "")
-              + f"; metrics: {metrics_path}"
-              + (f"; plot: {os.path.join(out_dir, 'loss.png')}" if os.path.exists(os.path.join(out_dir, 'loss.png'))
-                 else ""))
-        print(f"next: python sample.py --ckpt {ckpt_path}")
+        best_path, plot_path = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "loss.png")
+        if os.path.exists(ckpt_path):
+            print(f"checkpoint: {ckpt_path}" + (f" (lowest val loss: {best_path})" if os.path.exists(best_path) else "")
+                  + f"; metrics: {metrics_path}" + (f"; plot: {plot_path}" if os.path.exists(plot_path) else ""))
+            print(f"next: python sample.py --ckpt {ckpt_path}")
     if ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
-    train()
+    try:
+        train()
+    except KeyboardInterrupt:  # before the loop's own handler is in place (data preparation, compilation)
+        print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
+        sys.exit(130)

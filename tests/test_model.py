@@ -275,5 +275,5 @@ def test_missing_key_refused():
     m = build()
     state = checkpoint_dict(m, m.args)
     del state["model"]["norm.weight"]
-    with pytest.raises(RuntimeError, match="norm.weight"):
+    with pytest.raises(SystemExit, match="norm.weight"):
         Transformer.from_checkpoint(state)

@@ -4,7 +4,7 @@ import json
 import math
 import os
 import random
-import shutil
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -97,7 +97,7 @@ def test_metrics_schema(data_dir, tmp_path):
         assert m["lr"] > 0 and m["grad_norm"] > 0 and m["ms"] > 0 and m["tok_per_s"] > 0
     for m in evals:
         assert set(m) == {"iter", "tokens", "train_loss", "val_loss", "val_bpb"}
-    if shutil.which("python") and __import__("importlib").util.find_spec("matplotlib"):
+    if importlib.util.find_spec("matplotlib"):
         assert (out / "loss.png").exists()
 
 
@@ -116,6 +116,18 @@ def test_lr_schedule(monkeypatch):
     assert lr(110) == pytest.approx(1e-4)
     monkeypatch.setattr(train_module, "lr_schedule", "constant")
     assert lr(100) == pytest.approx(1e-3)
+
+
+def test_accumulation_in_train_py_equals_one_big_batch(data_dir, tmp_path):
+    # the batch stream hands out windows in order, so 2 micro-batches of 4 are the same 8 windows as one batch of 8
+    one = tmp_path / "one"
+    train_cli(data_dir, one, batch_size=8, gradient_accumulation_steps=1, max_iters=1, log_interval=1)
+    two = tmp_path / "two"
+    train_cli(data_dir, two, batch_size=4, gradient_accumulation_steps=2, max_iters=1, log_interval=1)
+    a, b = [[m for m in metrics(d) if "loss" in m][0] for d in (one, two)]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert a["tokens"] == b["tokens"] == 8 * 32
 
 
 def test_accumulation_equals_one_big_batch():
@@ -145,7 +157,13 @@ def test_exact_resume_after_sigkill(data_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = killed / "ckpt.pt"
     deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+
+    def past_the_checkpoint():  # killed well after the checkpoint at 40, so the resume must drop iterations 41..
+        if not ckpt.exists() or not (killed / "metrics.jsonl").exists():
+            return False
+        return any('"iter": 50,' in line for line in open(killed / "metrics.jsonl"))
+
+    while not past_the_checkpoint() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: the atomic checkpoint at iteration 40 must do
     out = proc.communicate()[0]
@@ -158,6 +176,8 @@ def test_exact_resume_after_sigkill(data_dir, tmp_path):
     assert a["iter_num"] == b["iter_num"] == 80
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+    # metrics.jsonl continues from the checkpoint: the killed run's lines after iteration 40 were dropped
+    assert [m["iter"] for m in metrics(killed)] == [m["iter"] for m in metrics(straight)]
     assert [m for m in metrics(straight) if "val_loss" in m][-1] == [m for m in metrics(killed) if "val_loss" in m][-1]
 
 
@@ -263,10 +283,42 @@ def test_bad_settings_are_one_line_errors(data_dir, tmp_path):
     cases = [(dict(device="cuda"), "no CUDA GPU") if not torch.cuda.is_available() else (dict(device="tpu"), "device"),
              (dict(optimizer="sgd"), "choose adamw or muon"),
              (dict(init_from="resume"), "does not exist"),
-             (dict(vocab_size=512), "pretokenize")]
+             (dict(vocab_size=512), "train_vocab --vocab_size=512"),
+             (dict(compile=1), "--compile must be True, False or None"),
+             (dict(eval_interval=0), "--eval_interval must be >= 1"),
+             (dict(lr_schedule="linear"), "choose cosine, wsd or constant")]
     for extra, message in cases:
         r = run(["train.py", *settings(data_dir, tmp_path / "x", **extra)], ROOT)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+
+
+def test_resume_takes_new_hyperparameters_but_refuses_another_optimizer(data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = dict(lr_schedule="constant", warmup_iters=0, eval_interval=10)
+    train_cli(data_dir, out, learning_rate=3e-3, max_iters=10, **common)
+    train_cli(data_dir, out, learning_rate=1e-3, weight_decay=0.5, max_iters=20, **common)
+    groups = load_checkpoint(out / "ckpt.pt")["optimizer"][0]["param_groups"]
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-3)] * 2  # the new peak, not the checkpoint's
+    assert groups[0]["weight_decay"] == 0.5
+    r = run(["train.py", *settings(data_dir, out, optimizer="muon", max_iters=30, **common)], ROOT)
+    assert r.returncode != 0 and "holds the state of another optimizer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_refuses_another_tokenizer(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, max_iters=5, eval_interval=5)
+    other = tmp_path / "other"
+    (other / "raw").mkdir(parents=True)
+    rng = random.Random(1)  # other words than the fixture's corpus: another tokenizer of the same size
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(300)]
+    (other / "raw" / "other.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60))
+                                                           for _ in range(300)) + "\n")
+    for verb in ("train_vocab", "pretokenize"):
+        r = run(["preprocess.py", verb, f"--vocab_size={VOCAB}", f"--input={other / 'raw'}",
+                 f"--data_dir={other / 'data'}"], ROOT)
+        assert r.returncode == 0, r.stderr
+    r = run(["train.py", *settings(str(other / "data"), out, max_iters=10)], ROOT)
+    assert r.returncode != 0 and "trained with another tokenizer" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_muon_trains(data_dir, tmp_path):
