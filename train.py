@@ -551,6 +551,7 @@ def train():
                   + f"; metrics: {metrics_path}" + (f"; plot: {plot_path}" if os.path.exists(plot_path) else ""))
             print(f"next: python sample.py --ckpt {ckpt_path}")
     if ddp:
+        dist.barrier()  # tear down together: gloo aborts a process whose peer has already closed its connections
         dist.destroy_process_group()
 
 

@@ -341,6 +341,13 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path):
     one = [m for m in metrics(single) if "val_loss" in m][-1]["val_loss"]
     two = [m for m in metrics(double) if "val_loss" in m][-1]["val_loss"]
     assert abs(one - two) / one < 0.05  # same global batch, different (rank-sharded) samples
+    # the single-process run resumed by two processes: each continues from rank 0's place in the data
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *settings(data_dir, single, **{**common, "max_iters": 50})],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming from" in r.stdout and "world size changed 1 -> 2" in r.stderr
+    assert load_checkpoint(single / "ckpt.pt")["iter_num"] == 50
     r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              *settings(data_dir, tmp_path / "odd", gradient_accumulation_steps=3)], ROOT)
     assert r.returncode != 0 and "must be divisible by the number of processes" in r.stderr
