@@ -148,7 +148,7 @@ def test_accumulation_equals_one_big_batch():
 
 
 def test_exact_resume_after_sigkill(data_dir, tmp_path):
-    args = dict(max_iters=80, eval_interval=40, log_interval=1, batch_size=16, dropout=0.1)
+    args = dict(max_iters=120, eval_interval=40, log_interval=1, batch_size=16, dropout=0.1)
     straight = tmp_path / "straight"
     train_cli(data_dir, straight, **args)
 
@@ -158,7 +158,7 @@ def test_exact_resume_after_sigkill(data_dir, tmp_path):
     ckpt = killed / "ckpt.pt"
     deadline = time.time() + 240
 
-    def past_the_checkpoint():  # killed well after the checkpoint at 40, so the resume must drop iterations 41..
+    def past_the_checkpoint():  # killed well after a checkpoint, so the resume must drop the iterations after it
         if not ckpt.exists() or not (killed / "metrics.jsonl").exists():
             return False
         return any('"iter": 50,' in line for line in open(killed / "metrics.jsonl"))
@@ -168,15 +168,15 @@ def test_exact_resume_after_sigkill(data_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: the atomic checkpoint at iteration 40 must do
     out = proc.communicate()[0]
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed:\n" + out
-    assert load_checkpoint(ckpt)["iter_num"] == 40
+    assert load_checkpoint(ckpt)["iter_num"] in (40, 80)  # 80 only if this machine was slow to kill
     r = train_cli(data_dir, killed, **args)  # init_from="auto" resumes
     assert "resuming from" in r.stdout
 
     a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(ckpt)
-    assert a["iter_num"] == b["iter_num"] == 80
+    assert a["iter_num"] == b["iter_num"] == 120
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    # metrics.jsonl continues from the checkpoint: the killed run's lines after iteration 40 were dropped
+    # metrics.jsonl continues from the checkpoint: the killed run's lines after it were dropped
     assert [m["iter"] for m in metrics(killed)] == [m["iter"] for m in metrics(straight)]
     assert [m for m in metrics(straight) if "val_loss" in m][-1] == [m for m in metrics(killed) if "val_loss" in m][-1]
 
