@@ -16,6 +16,7 @@ special_tokens_map.json). It needs the optional extras: pip install -r requireme
 run.c hard-codes rope_theta 10000 and norm_eps 1e-5; a model trained with other values gets a warning.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import torch
 
 from configurator import configure
 from model import DTYPES
-from sample import load_model
+from sample import fail, load_model
 
 # -----------------------------------------------------------------------------
 ckpt = "output/ckpt.pt"  # a checkpoint written by train.py
@@ -36,10 +37,6 @@ dtype = "float32"  # hf only: float32, float16 or bfloat16 (llama2c's version-0 
 tokenizer = ""  # a sentencepiece .model to export instead of the checkpoint's own (must match the vocab size)
 tokenizer_out = ""  # llama2c only: also write run.c's tokenizer.bin here
 # -----------------------------------------------------------------------------
-
-
-def fail(message):
-    raise SystemExit(f"error: {message}")
 
 
 # -----------------------------------------------------------------------------
@@ -222,18 +219,10 @@ def export_llama2c(model, path):
     # header: 7 int32; vocab_size positive = the classifier shares the embedding matrix
     header = struct.pack("<7i", a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size,
                          a.max_seq_len)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for t in llama2c_tensors(model):
-                # little-endian float32, row-major: what run.c mmaps
-                f.write(t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # little-endian float32, row-major: what run.c mmaps (one tensor at a time, never the whole file in memory)
+    tensors = (t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+               for t in llama2c_tensors(model))
+    write_file_atomic(path, itertools.chain([header], tensors))
 
 
 def llama2c_tokenizer_bytes(tok):
@@ -258,12 +247,17 @@ def llama2c_tokenizer_bytes(tok):
     return b"".join(chunks)
 
 
-def write_file_atomic(path, data):
+def write_file_atomic(path, chunks):
+    """Write the byte strings in chunks to path; on any failure an earlier file there stays as it was."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(chunks)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -295,7 +289,7 @@ def main():
     export_llama2c(model, out)
     print(f"wrote {out} ({os.path.getsize(out):,} bytes, llama2.c version 0, float32)")
     if tokenizer_out:
-        write_file_atomic(tokenizer_out, llama2c_tokenizer_bytes(tok))
+        write_file_atomic(tokenizer_out, [llama2c_tokenizer_bytes(tok)])
         print(f"wrote {tokenizer_out} ({tok.vocab_size} pieces); run: ./run {out} -z {tokenizer_out}")
 
 
