@@ -429,8 +429,6 @@ def train():
     bad_steps = torch.zeros((), device=dev)  # consecutive non-finite steps, counted on the device
     skipped = torch.zeros((), device=dev)  # all of them
     t_last, iters_since_log, ms_per_iter = time.time(), 0, None
-    grad_norm = torch.zeros((), device=dev)
-    loss = torch.zeros((), device=dev)
     while True:
         last = iter_num >= max_iters
         # (a resumed run does not repeat the evaluation its checkpoint was written after)
@@ -522,16 +520,17 @@ def train():
                 print(f"estimated training time: {(max_iters - iter_num) * ms_per_iter / 60000:.1f} min for the "
                       f"remaining {max_iters - iter_num} iterations at {ms_per_iter:.0f} ms each (plus evaluations)")
             mfu = raw_model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
+            lr, tok_per_s = lr_at(iter_num - 1), tokens_per_iter / ms * 1000  # the step just taken
             if master:
                 eta = (max_iters - iter_num) * (ms_per_iter or ms) / 1000
-                print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr_at(iter_num - 1):.2e} | "
-                      f"norm {normf:.2f} | {ms:.1f} ms | {tokens_per_iter / ms * 1000:,.0f} tok/s"
+                print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | "
+                      f"norm {normf:.2f} | {ms:.1f} ms | {tok_per_s:,.0f} tok/s"
                       + (f" | mfu {mfu * 100:.1f}%" if not math.isnan(mfu) else "")
                       + (f" | {n_skipped} non-finite steps skipped" if n_skipped else "")
                       + f" | eta {eta / 60:.1f} min", flush=True)
                 record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf,
-                        "lr": lr_at(iter_num - 1), "grad_norm": normf, "ms": ms,
-                        "tok_per_s": tokens_per_iter / ms * 1000, "mfu": None if math.isnan(mfu) else mfu,
+                        "lr": lr, "grad_norm": normf, "ms": ms, "tok_per_s": tok_per_s,
+                        "mfu": None if math.isnan(mfu) else mfu,
                         "skipped": n_skipped})
             if n_bad >= max_bad_steps:
                 raise SystemExit(f"error: {n_bad} consecutive steps with a non-finite loss or gradient at "
