@@ -14,6 +14,7 @@ Below the model live the few helpers every script shares: device/dtype selection
 import math
 import os
 import pickle
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from typing import Optional
@@ -330,6 +331,127 @@ def adamw(param_groups, learning_rate, betas, device_type):
     fused = device_type in ("cuda", "cpu", "mps")
     print(f"AdamW fused: {fused}")
     return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+def newton_schulz(G, steps=5, dtype=torch.float32):
+    """Orthogonalise each matrix of G (n, A, B): roughly U V^T of its SVD, singular values pushed into ~[0.7, 1.2].
+
+    Keller Jordan's quintic iteration X <- a X + (b XX^T + c (XX^T)^2) X, whose coefficients lift small singular
+    values fast rather than converge exactly. All n matrices run as one batched matmul (3 per iteration).
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius norm 1 bounds the spectral norm by 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return X.mT if tall else X
+
+
+def fast_bf16_matmul(device):
+    """Whether bfloat16 matrix multiplies are faster than float32 ones on this device.
+
+    CUDA GPUs with bf16 have tensor cores for it. CPUs multiply bf16 fast only with AVX512-BF16 or AMX; without
+    them PyTorch emulates bf16, several times slower than float32 (torch.optim.Muon's bf16 Newton-Schulz made
+    each step ~4x an AdamW step on an AVX2 laptop). Even where the flags exist, oneDNN can be limited
+    (ONEDNN_MAX_CPU_ISA), so a short measurement of the Newton-Schulz matmul decides; bf16 must win clearly.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    has_flag = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if not has_flag:
+        return False
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+        x, y = torch.randn(4, 128, 256, dtype=dtype), torch.randn(4, 256, 256, dtype=dtype)
+        torch.bmm(x, y)
+        t = time.perf_counter()
+        for _ in range(4):
+            torch.bmm(x, y)
+        seconds[dtype] = min(seconds.get(dtype, math.inf), time.perf_counter() - t)
+    return seconds[torch.bfloat16] < 0.7 * seconds[torch.float32]
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan, 2024): momentum SGD whose update, for each 2-D hidden matrix, is orthogonalised.
+
+    For each parameter: buf <- lerp(buf, grad, 1 - momentum); update = lerp(grad, buf, momentum) (Nesterov) or
+    buf; W <- W (1 - lr wd) - lr sqrt(max(1, A/B)) newton_schulz(update). The same update and state layout as
+    torch.optim.Muon (so its checkpoints load), with three differences that matter for speed:
+    - Newton-Schulz runs in bfloat16 only where the device multiplies it fast, else in float32 (ns_dtype;
+      None decides with fast_bf16_matmul). The choice is stored in the param group, so a resumed run keeps it.
+    - matrices of the same shape are orthogonalised together, one batched matmul per shape.
+    - like fused AdamW, step() honours `found_inf` (a 0-d tensor set by the caller): when it is > 0 the step
+      changes nothing, decided on the device with no host sync. lr may also be a 0-d device tensor. Both make
+      the step capturable in a CUDA graph (all state exists after the first step).
+    """
+
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, ns_dtype=ns_dtype))
+        for group in self.param_groups:
+            if any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon takes 2-D matrices only; give embeddings and gains to AdamW")
+
+    def _shape_scale(self, ps, like):
+        """sqrt(max(1, fan_out / fan_in)) per matrix, as torch.optim.Muon scales ("original"); made once, on the
+        device, so that a step captured in a CUDA graph copies nothing from the host."""
+        key = (like.device, like.dtype, tuple(p.shape for p in ps))
+        cache = self.__dict__.setdefault("_scales", {})
+        if key not in cache:
+            cache[key] = torch.tensor([math.sqrt(max(1.0, p.size(0) / p.size(1))) for p in ps], device=like.device,
+                                      dtype=like.dtype)[:, None, None]
+        return cache[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "Muon takes no closure"
+        skip = getattr(self, "found_inf", None)  # set by the caller, as for fused AdamW (grad_scale: not needed)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group.get("ns_dtype") is None:  # (a torch.optim.Muon checkpoint has no such entry)
+                group["ns_dtype"] = "bfloat16" if fast_bf16_matmul(params[0].device) else "float32"
+            ns_dtype = getattr(torch, group["ns_dtype"])  # a name, so that checkpoints hold plain data
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            if skip is not None:  # a skipped step moves nothing: a zero learning rate, a zero momentum weight
+                keep = 1.0 - (skip > 0).float()
+                lr, blend = lr * keep, (1 - momentum) * keep
+            else:
+                blend = 1 - momentum
+            # one batched Newton-Schulz per shape; a tall matrix joins the wide ones of its transposed shape (the
+            # iteration works on the wide side anyway), so w1/w3 (hidden x dim) and w2 (dim x hidden) go together
+            by_shape = {}
+            for p in params:
+                by_shape.setdefault((min(p.shape), max(p.shape)), []).append(p)
+            for ps in by_shape.values():
+                tall = [p.size(0) > p.size(1) for p in ps]
+
+                def wide(ts):  # each tall matrix transposed; transposing again brings it back
+                    return [t.mT if flip else t for t, flip in zip(ts, tall)]
+
+                grads = torch.stack(wide([p.grad for p in ps]))
+                if skip is not None:  # a non-finite gradient must not reach the momentum, even times zero
+                    grads = torch.where(skip > 0, 0.0, grads)
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+                buf = torch.stack(wide(bufs))
+                buf.lerp_(grads, blend)
+                torch._foreach_copy_(bufs, wide(buf.unbind(0)))
+                update = grads.lerp_(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"], ns_dtype).to(ps[0].dtype)
+                update *= self._shape_scale(ps, update)
+                torch._foreach_mul_(ps, 1 - lr * wd)
+                torch._foreach_add_(ps, torch._foreach_mul(wide(update.unbind(0)), -lr))
+        return None
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

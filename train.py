@@ -10,6 +10,7 @@ Settings are the globals below; configurator.py applies a config file and --key=
 Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits; run again to resume.
 """
 
+import io
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, settings_of
-from model import (ModelArgs, Transformer, adamw, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
+from model import (ModelArgs, Muon, Transformer, adamw, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
                    pick_dtype, save_checkpoint)
 from preprocess import Task, Tokenizer, load_meta
 
@@ -63,6 +64,7 @@ gradient_accumulation_steps = 4  # micro-steps per iteration, summed over all pr
 learning_rate = 5e-4  # peak AdamW learning rate
 muon_lr = 0.02  # peak Muon learning rate (optimizer="muon" only)
 max_iters = 100000
+max_train_seconds = 0.0  # > 0: a wall-clock budget; max_iters (and the LR schedule) is fitted to it, max_iters is then a cap
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -111,7 +113,7 @@ def build_optimizers(model, device_type):
         norms = [p for p in model.parameters() if p.dim() < 2]
         print(f"Muon: {len(hidden)} hidden matrices; AdamW: embeddings and {len(norms)} norm gains")
         optimizers = [
-            torch.optim.Muon(hidden, lr=muon_lr, weight_decay=weight_decay),
+            Muon(hidden, lr=muon_lr, weight_decay=weight_decay),
             adamw([{"params": embed, "weight_decay": weight_decay}, {"params": norms, "weight_decay": 0.0}],
                   learning_rate, betas, device_type),
         ]
@@ -127,7 +129,8 @@ def load_optimizer_states(optimizers, states, path):
         raise SystemExit(f"error: {path} holds the state of another optimizer; resume with the optimizer it was "
                          "trained with, or use --init_from=scratch")
     for opt, state in zip(optimizers, states):
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        # Muon's Newton-Schulz precision (ns_dtype) belongs to the run, like its moments: keep the checkpoint's
+        settings = [{k: v for k, v in group.items() if k not in ("params", "ns_dtype")} for group in opt.param_groups]
         try:
             opt.load_state_dict(state)
         except ValueError as e:
@@ -142,6 +145,22 @@ def set_lr(optimizers, it):
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * scale
+
+
+def fit_iters_to_budget(budget, elapsed, iter_now, s_per_iter, s_per_eval, cap):
+    """The largest max_iters whose remaining steps and evaluations (with their checkpoints) end within budget.
+
+    elapsed: seconds of the budget spent so far (at iteration iter_now). Evaluations come every eval_interval
+    iterations and once more at the end; each one also writes ckpt.pt and maybe best.pt (in s_per_eval).
+    """
+    def cost(n):
+        evals = n // eval_interval - iter_now // eval_interval + (n % eval_interval != 0)
+        return elapsed + (n - iter_now) * s_per_iter + evals * s_per_eval
+    lo, hi = iter_now + 1, max(iter_now + 1, cap)  # at least one more step: a run always ends on a checkpoint
+    while lo < hi:  # cost grows with n: bisect for the last n that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+    return lo
 
 
 def rng_state():
@@ -223,6 +242,61 @@ def plot_losses(history, path):
     os.replace(path + ".tmp.png", path)
 
 
+class Budget:
+    """max_train_seconds: time a few warm steps, then fix max_iters so that training ends within the budget.
+
+    The clock starts with the training loop (data preparation and start-up are not in it); evaluations and
+    checkpoints are. The steps timed are still in the warm-up of any sensible schedule, so the learning rates
+    they used do not depend on the max_iters chosen after them. The choice goes into the checkpoint: a resumed
+    run continues the same schedule instead of fitting a new one to the time left.
+    """
+
+    def __init__(self, seconds, device_type, start_iter):
+        self.seconds, self.device_type = seconds, device_type
+        self.t_start = time.time()
+        self.first = start_iter + 3  # the steps before it compile, fill caches and warm the allocator
+        self.t_first = None
+        self.eval_seconds = 0.0  # the longest evaluation (with its checkpoints) seen so far
+
+    def now(self):
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()  # only while timing: a few steps of the run
+        return time.time()
+
+    def timed(self, iter_num):
+        """Whether enough warm steps have been timed (at least 5 and a second's worth, or 50)."""
+        if iter_num == self.first:
+            self.t_first = self.now()
+        if self.t_first is None or iter_num == self.first:
+            return False
+        n, seconds = iter_num - self.first, self.now() - self.t_first
+        return n >= 50 or (n >= 5 and seconds >= 1.0)
+
+    def fit(self, iter_num, model, optimizers, ddp, dev, master):
+        s_per_iter = (self.now() - self.t_first) / (iter_num - self.first)
+        # a checkpoint costs about what serialising the state costs (twice: ckpt.pt and best.pt), plus writing it
+        t = time.time()
+        torch.save([model.state_dict(), [o.state_dict() for o in optimizers]], io.BytesIO())
+        s_per_eval = self.eval_seconds + 3 * (time.time() - t)
+        if not self.eval_seconds:  # no evaluation seen (a resumed run): 2 x eval_iters forward passes
+            s_per_eval += 2 * eval_iters / max(1, gradient_accumulation_steps) * s_per_iter / 3
+        elapsed = time.time() - self.t_start
+        chosen = fit_iters_to_budget(self.seconds * 0.98, elapsed, iter_num, s_per_iter, s_per_eval, max_iters)
+        if ddp:  # every process must stop at the same iteration: rank 0's measurement decides
+            agreed = torch.tensor(chosen, device=dev)
+            dist.broadcast(agreed, src=0)
+            chosen = int(agreed.item())
+        if master:
+            print(f"budget {self.seconds:.0f} s: max_iters {chosen} ({s_per_iter * 1000:.1f} ms per iteration, "
+                  f"{s_per_eval:.1f} s per evaluation with its checkpoints, {elapsed:.1f} s spent before "
+                  f"iteration {iter_num}; 2% held back)" + (f"; capped by max_iters {max_iters}"
+                                                              if chosen == max_iters else ""), flush=True)
+            if chosen <= warmup_iters:
+                print(f"warning: the budget fits only {chosen} iterations, within warmup_iters={warmup_iters}; "
+                      "give it more time or lower warmup_iters")
+        return chosen
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, writes a checkpoint and exits."""
 
@@ -245,6 +319,8 @@ def check_settings():
             raise SystemExit(f"error: --{name} must be >= 1, not {globals()[name]}")
     if max_iters < 0 or learning_rate <= 0 or muon_lr <= 0 or min_lr < 0 or warmup_iters < 0:
         raise SystemExit("error: max_iters, warmup_iters and min_lr must be >= 0, learning_rate and muon_lr > 0")
+    if max_train_seconds < 0:
+        raise SystemExit(f"error: --max_train_seconds must be >= 0 (0: no budget), not {max_train_seconds}")
     if compile is not None and not isinstance(compile, bool):
         raise SystemExit(f"error: --compile must be True, False or None (on for CUDA only), not {compile!r}")
     if lr_schedule not in ("cosine", "wsd", "constant"):
@@ -256,6 +332,7 @@ def check_settings():
 
 
 def train():
+    global max_iters  # a wall-clock budget (max_train_seconds) fixes it once the first steps are timed
     check_settings()
     config = {k: globals()[k] for k in settings_of(globals())}
 
@@ -328,11 +405,15 @@ def train():
     optimizers = build_optimizers(model, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == "float16")
     iter_num, best_val_loss, data_state = 0, float("inf"), None
+    budget_iters = None  # max_iters as the budget fixed it (None: no budget, or not fixed yet)
     if ckpt is not None:
         load_optimizer_states(optimizers, ckpt["optimizer"], ckpt_path)
         if ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        if max_train_seconds > 0 and ckpt.get("budget_max_iters"):
+            max_iters = min(max_iters, ckpt["budget_max_iters"])  # the same schedule as before the stop
+            budget_iters = max_iters
         saved = ckpt["data_state"]
         # with another number of processes every rank continues from rank 0's place in the epoch (the batch
         # stream rescales it and says so)
@@ -392,7 +473,7 @@ def train():
                                scaler=scaler.state_dict() if scaler.is_enabled() else None, iter_num=iter_num,
                                best_val_loss=best_val_loss, config=config, rng=rng_state(),
                                data_state={"world_size": world_size, "ranks": states},
-                               tokenizer=tokenizer.model_bytes)
+                               tokenizer=tokenizer.model_bytes, budget_max_iters=budget_iters)
         save_checkpoint(ckpt, path)
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -429,6 +510,8 @@ def train():
     bad_steps = torch.zeros((), device=dev)  # consecutive non-finite steps, counted on the device
     skipped = torch.zeros((), device=dev)  # all of them
     t_last, iters_since_log, ms_per_iter = time.time(), 0, None
+    budget = Budget(max_train_seconds, device_type, resume_iter) if max_train_seconds > 0 and budget_iters is None \
+        else None
     while True:
         last = iter_num >= max_iters
         # (a resumed run does not repeat the evaluation its checkpoint was written after)
@@ -449,6 +532,8 @@ def train():
                 if improved and not always_save_checkpoint:
                     write_checkpoint(os.path.join(out_dir, "best.pt"))
             t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
+            if budget is not None:
+                budget.eval_seconds = max(budget.eval_seconds, time.time() - t_eval)
         if last or eval_only:
             break
         stop_now = stop.signal is not None
@@ -490,21 +575,21 @@ def train():
             for opt in optimizers:
                 scaler.step(opt)
             scaler.update()
-        elif optimizer == "adamw":
-            # fused AdamW skips the update on the device when found_inf is set: no host sync needed
-            opt = optimizers[0]
-            opt.grad_scale, opt.found_inf = None, bad.float()
-            opt.step()
-            del opt.grad_scale, opt.found_inf
-        elif not bad.item():  # Muon has no on-device skip, so it checks on the host
+        else:
+            # fused AdamW and our Muon skip the update on the device when found_inf is set: no host sync needed
             for opt in optimizers:
+                opt.grad_scale, opt.found_inf = None, bad.float()
                 opt.step()
+                del opt.grad_scale, opt.found_inf
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         bad_steps = (bad_steps + 1) * bad  # consecutive count: reset by a good step
         skipped += bad
         iter_num += 1
         iters_since_log += 1
+        if budget is not None and budget.timed(iter_num):
+            max_iters = budget_iters = budget.fit(iter_num, raw_model, optimizers, ddp, dev, master)
+            budget = None
 
         if iter_num % log_interval == 0 or iter_num == max_iters:
             # the only host syncs of the loop
