@@ -1,5 +1,6 @@
 """export.py: a tiny trained model carried to Hugging Face transformers (same logits, same greedy tokens, same
-tokenization) and to llama2.c's model.bin/tokenizer.bin (read back by a reader written from the format)."""
+tokenization), to llama.cpp's GGUF (read back with the gguf package's reader; run in llama-cpp-python when it is
+installed) and to llama2.c's model.bin/tokenizer.bin (read back by a reader written from the format)."""
 
 import importlib
 import json
@@ -141,6 +142,83 @@ def test_missing_extras_say_how_to_install(world, tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# llama.cpp (GGUF)
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def export_gguf(ckpt, out, dtype="f32"):
+    run_main(["--ckpt", ckpt, "--format", "gguf", "--out", str(out), f"--dtype={dtype}"])
+    return out
+
+
+def gguf_expected(m):
+    """Our weights under the names llama.cpp's llama architecture loads, in its converter's order."""
+    w = {"token_embd.weight": m.tok_embeddings.weight}
+    for i, layer in enumerate(m.layers):
+        att, ffn = layer.attention, layer.feed_forward
+        w.update({f"blk.{i}.{name}.weight": t.weight for name, t in [
+            ("attn_norm", layer.attention_norm), ("attn_q", att.wq), ("attn_k", att.wk), ("attn_v", att.wv),
+            ("attn_output", att.wo), ("ffn_norm", layer.ffn_norm), ("ffn_gate", ffn.w1), ("ffn_up", ffn.w3),
+            ("ffn_down", ffn.w2)]})
+    w["output_norm.weight"] = m.norm.weight
+    return {k: v.detach() for k, v in w.items()}
+
+
+def test_gguf_reads_back_with_metadata_tokenizer_and_weights(odd_world, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    m, tok = odd_world["model"], odd_world["tok"]
+    a, sp = m.args, tok.sp
+    ours = gguf_expected(m)
+    sizes = {}
+    for dtype in GGUF_DTYPES:
+        out = export_gguf(odd_world["ckpt"], tmp_path / f"{dtype}.gguf", dtype)
+        sizes[dtype] = out.stat().st_size
+        r = gguf.GGUFReader(out)
+        meta = {name: field.contents() for name, field in r.fields.items() if not name.startswith("GGUF.")}
+        assert {k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")} == pytest.approx({
+            "general.architecture": "llama", "general.name": "tinyllm", "general.quantization_version": 2,
+            "general.file_type": {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[dtype],
+            "llama.vocab_size": 320, "llama.context_length": 64, "llama.embedding_length": 64,
+            "llama.feed_forward_length": a.hidden_dim, "llama.block_count": 2, "llama.attention.head_count": 4,
+            "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16, "llama.rope.freq_base": 500.0,
+            "llama.attention.layer_norm_rms_epsilon": 1e-6})
+        T = gguf.TokenType
+        n = tok.vocab_size
+        assert meta["tokenizer.ggml.model"] == "llama"
+        assert meta["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]  # '▁' kept, '<0x0A>' too
+        assert meta["tokenizer.ggml.scores"] == pytest.approx([sp.get_score(i) for i in range(n)])
+        types = meta["tokenizer.ggml.token_type"]
+        assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL] and types[3:259] == [T.BYTE] * 256  # byte fallback
+        assert set(types[259:]) == {T.NORMAL}
+        assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
+                meta["tokenizer.ggml.unknown_token_id"]) == (tok.bos_id, tok.eos_id, 0)
+        assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+        assert meta["tokenizer.ggml.add_space_prefix"] is True
+
+        # llama.cpp's names and order, shapes in ggml's order (columns first); no output.weight (tied)
+        assert [t.name for t in r.tensors] == list(ours)
+        for t in r.tensors:
+            want = ours[t.name]
+            assert list(t.shape) == list(reversed(want.shape)), t.name
+            kind = "F32" if want.ndim == 1 else {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[dtype]
+            assert t.tensor_type.name == kind, t.name
+            back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).view(want.shape)
+            err = (back - want).abs().max() / want.abs().max()
+            assert err <= {"F32": 0, "F16": 1e-3, "BF16": 4e-3, "Q8_0": 5e-3}[kind], (t.name, float(err))
+    assert sizes["f16"] < 0.55 * sizes["f32"] and sizes["q8_0"] < 0.65 * sizes["f16"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{d}.gguf" for d in GGUF_DTYPES)  # no leftovers
+
+
+def test_gguf_missing_package_says_how_to_install(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: importing it fails
+    with pytest.raises(SystemExit) as e:
+        export_gguf(world["ckpt"], tmp_path / "m.gguf")
+    assert "pip install -r requirements-export.txt" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not list(tmp_path.iterdir())
+
+
+# -----------------------------------------------------------------------------
 # llama2.c
 
 def read_llama2c(path):
@@ -249,6 +327,9 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(world, tmp_path, ca
         (["--format=hf", "--out", str(tmp_path / "h"), "--tokenizer-out=t.bin"], "--tokenizer-out is for"),
         (["--format=llama2c", "--out", str(tmp_path)], "is a directory"),
         (["--format=llama2c", "--out", str(tmp_path / "m.bin"), "--tokenizer-out", str(tmp_path)], "is a directory"),
+        (["--format=gguf", "--out", str(tmp_path / "m.gguf"), "--dtype=q4_0"], "unknown --dtype"),
+        (["--format=gguf", "--out", str(tmp_path / "m.gguf"), "--tokenizer-out=t.bin"], "in the .gguf file"),
+        (["--format=gguf", "--out", str(tmp_path)], "is a directory"),
         (["--ckpt", str(tmp_path / "missing.pt"), "--format=llama2c", "--out", str(tmp_path / "m.bin")],
          "no checkpoint at"),
     ]
