@@ -16,7 +16,7 @@ special_tokens_map.json). It needs the optional extras: pip install -r requireme
 --format gguf writes one GGUF file (llama architecture, the sentencepiece tokenizer inside) for llama.cpp and the
 tools built on it (llama-cpp-python, Ollama, LM Studio); --dtype f32, f16, bf16 or q8_0 (8-bit, a quarter of f32's
 size). It needs the gguf package (llama.cpp's own writer), in the same extras:
-    llama-cli -m model.gguf -p "Once upon a time"
+    llama-completion -m model.gguf -no-cnv -p "Once upon a time"   # llama.cpp before December 2025: llama-cli
     python -c 'from llama_cpp import Llama; print(Llama("model.gguf")("Once upon a time")["choices"][0]["text"])'
 
 --format llama2c writes run.c's legacy (version 0) float32 model.bin, and with --tokenizer-out run.c's tokenizer.bin:
@@ -276,10 +276,11 @@ def write_file_atomic(path, chunks):
 # -----------------------------------------------------------------------------
 # llama.cpp (GGUF)
 
-# --dtype for --format gguf: the ggml type of the 2-D weights (norm gains stay float32, as llama.cpp's converter
-# keeps every 1-D tensor)
-GGUF_DTYPES = {"f32": "F32", "float32": "F32", "f16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16",
-               "q8_0": "Q8_0"}
+# --dtype for --format gguf: (the ggml type of the 2-D weights, the file type it makes). Norm gains stay float32,
+# as llama.cpp's converter keeps every 1-D tensor. The hf spellings (float32, the default, ...) work too.
+GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+GGUF_DTYPES.update(float32=GGUF_DTYPES["f32"], float16=GGUF_DTYPES["f16"], bfloat16=GGUF_DTYPES["bf16"])
 
 
 def gguf_tensors(model):
@@ -322,15 +323,14 @@ def export_gguf(model, tok, path, dtype_name):
     except ImportError:
         fail("--format gguf needs the gguf package: pip install -r requirements-export.txt")
     a, sp = model.args, tok.sp
-    qtype = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype_name]]
-    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                 "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype.name]
+    qtype_name, file_type_name = GGUF_DTYPES[dtype_name]
+    qtype = gguf.GGMLQuantizationType[qtype_name]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"  # written beside the target, then renamed: an earlier file survives a failure
     w = gguf.GGUFWriter(tmp, "llama")
     try:
         w.add_name("tinyllm")
-        w.add_file_type(file_type)
+        w.add_file_type(gguf.LlamaFileType[file_type_name])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_vocab_size(a.vocab_size)
         w.add_context_length(a.max_seq_len)
@@ -405,7 +405,8 @@ def main():
         return
     if format == "gguf":
         written = export_gguf(model, tok, out, dtype)
-        print(f"wrote {out} ({os.path.getsize(out):,} bytes, GGUF, {written}); run: llama-cli -m {out}")
+        print(f"wrote {out} ({os.path.getsize(out):,} bytes, GGUF, {written}); run: llama-completion -m {out} "
+              '-p "Once upon a time"')
         return
     a = model.args
     if a.rope_theta != 10000.0 or a.norm_eps != 1e-5:

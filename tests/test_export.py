@@ -3,6 +3,7 @@ tokenization), to llama.cpp's GGUF (read back with the gguf package's reader; ru
 installed) and to llama2.c's model.bin/tokenizer.bin (read back by a reader written from the format)."""
 
 import importlib
+import itertools
 import json
 import struct
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import export
+import sample
 from configurator import configure
 from model import ModelArgs, Transformer, save_checkpoint
 from test_sample import make_checkpoint
@@ -216,6 +218,67 @@ def test_gguf_missing_package_says_how_to_install(world, tmp_path, monkeypatch):
         export_gguf(world["ckpt"], tmp_path / "m.gguf")
     assert "pip install -r requirements-export.txt" in str(e.value.code) and "\n" not in str(e.value.code)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def llama_world(tmp_path_factory):
+    """A tiny trained model and its GGUF files, for llama.cpp itself (llama-cpp-python: it compiles llama.cpp from
+    source, so CI leaves it out and these tests skip). Its context of 128 holds a prompt and 64 greedy tokens:
+    there llama.cpp stops where our generate() slides its window. rope_theta and norm_eps are off their defaults:
+    the file must carry them."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    d = tmp_path_factory.mktemp("llama_cpp")
+    path, m, tok = make_checkpoint(d / "ckpt.pt", max_seq_len=128, rope_theta=500.0, norm_eps=1e-6)
+    files = {dtype: export_gguf(str(path), d / f"{dtype}.gguf", dtype) for dtype in ("f32", "f16", "q8_0")}
+    return {"model": m.eval(), "tok": tok, "files": files}
+
+
+def load_llama(path, **kw):
+    from llama_cpp import Llama
+    return Llama(model_path=str(path), n_ctx=128, n_threads=2, seed=0, verbose=False, **kw)
+
+
+def test_llama_cpp_tokenizes_and_decodes_like_sentencepiece(llama_world):
+    tok = llama_world["tok"]
+    llm = load_llama(llama_world["files"]["f32"], vocab_only=True)
+    assert (llm.token_bos(), llm.token_eos()) == (tok.bos_id, tok.eos_id)
+    for text in TEXTS + LEADING_SPACE:
+        ids = tok.encode(text, bos=True)
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True) == ids, text
+        assert llm.detokenize(ids).decode("utf-8") == tok.decode(ids), text
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-3), ("f16", 1e-2), ("q8_0", 0.25)])
+def test_llama_cpp_logits_and_greedy_tokens_match(llama_world, dtype, tolerance):
+    import llama_cpp
+    m = llama_world["model"]
+    # a float32 KV cache: llama.cpp's default float16 one alone moves the logits by about 3e-3
+    llm = load_llama(llama_world["files"][dtype], logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                     type_v=llama_cpp.GGML_TYPE_F32)
+    prompt = llm.tokenize(TEXTS[0].encode("utf-8"), add_bos=True)
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        ours = m(x, targets=x)[0]  # with targets: logits at every position
+    llm.eval(prompt)
+    theirs = torch.from_numpy(llm.scores[:len(prompt)].copy())
+    assert (theirs - ours).abs().max() < tolerance
+    if dtype == "f32":  # rounded weights may flip a near-tie somewhere in 64 steps; f32 must not
+        greedy = list(itertools.islice(llm.generate(prompt, temp=0.0, repeat_penalty=1.0), 64))
+        assert greedy == m.generate(x, 64, temperature=0)[0, len(prompt):].tolist()
+
+
+def test_llama_cpp_completion_equals_sample_py_greedy_text(llama_world):
+    """What a user sees: llama-cpp-python's completion (its defaults, float16 KV cache) against sample.py's
+    --temperature=0 text for the same prompt, 64 tokens or up to EOS."""
+    m, tok = llama_world["model"], llama_world["tok"]
+    llm = load_llama(llama_world["files"]["f32"])
+    for text in ("Lily saw", "Tom was"):
+        pieces = []
+        sample.stream_sample(m, tok, sample.prompt_ids(tok, text, m.args.max_seq_len), pieces.append,
+                             max_new_tokens=64, temperature=0)
+        theirs = llm(text, max_tokens=64, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+        assert "".join(pieces) == text + theirs
 
 
 # -----------------------------------------------------------------------------
