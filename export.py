@@ -1,8 +1,10 @@
 """
-Carry a tinyllm checkpoint to Hugging Face transformers or to llama2.c's run.c.
+Carry a tinyllm checkpoint to Hugging Face transformers, to llama.cpp (GGUF) or to llama2.c's run.c.
 
     python export.py --ckpt output/ckpt.pt --format hf --out hf_model                     # float32
     python export.py --ckpt output/ckpt.pt --format hf --out hf_model --dtype bfloat16
+    python export.py --ckpt output/ckpt.pt --format gguf --out model.gguf                  # f32
+    python export.py --ckpt output/ckpt.pt --format gguf --out model.gguf --dtype q8_0
     python export.py --ckpt output/ckpt.pt --format llama2c --out model.bin --tokenizer-out tokenizer.bin
 
 --format hf writes a directory that loads offline with
@@ -10,6 +12,12 @@ Carry a tinyllm checkpoint to Hugging Face transformers or to llama2.c's run.c.
     AutoTokenizer.from_pretrained("hf_model")          # a Llama tokenizer that encodes like our sentencepiece model
 (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer.model, tokenizer_config.json,
 special_tokens_map.json). It needs the optional extras: pip install -r requirements-export.txt
+
+--format gguf writes one GGUF file (llama architecture, the sentencepiece tokenizer inside) for llama.cpp and the
+tools built on it (llama-cpp-python, Ollama, LM Studio); --dtype f32, f16, bf16 or q8_0 (8-bit, a quarter of f32's
+size). It needs the gguf package (llama.cpp's own writer), in the same extras:
+    llama-completion -m model.gguf -no-cnv -p "Once upon a time"   # llama.cpp before December 2025: llama-cli
+    python -c 'from llama_cpp import Llama; print(Llama("model.gguf")("Once upon a time")["choices"][0]["text"])'
 
 --format llama2c writes run.c's legacy (version 0) float32 model.bin, and with --tokenizer-out run.c's tokenizer.bin:
     ./run model.bin -z tokenizer.bin
@@ -31,9 +39,9 @@ from sample import fail, load_model
 
 # -----------------------------------------------------------------------------
 ckpt = "output/ckpt.pt"  # a checkpoint written by train.py
-format = "hf"  # "hf" (a transformers LlamaForCausalLM directory) or "llama2c" (run.c's model.bin)
-out = ""  # hf: the output directory; llama2c: the model.bin path
-dtype = "float32"  # hf only: float32, float16 or bfloat16 (llama2c's version-0 format is float32)
+format = "hf"  # "hf" (a transformers LlamaForCausalLM directory), "llama2c" (run.c's model.bin), "gguf" (llama.cpp)
+out = ""  # hf: the output directory; llama2c: the model.bin path; gguf: the .gguf path
+dtype = "float32"  # hf: float32, float16 or bfloat16; gguf: f32, f16, bf16 or q8_0; llama2c: float32 only
 tokenizer = ""  # a sentencepiece .model to export instead of the checkpoint's own (must match the vocab size)
 tokenizer_out = ""  # llama2c only: also write run.c's tokenizer.bin here
 # -----------------------------------------------------------------------------
@@ -112,6 +120,11 @@ def bpe_merges(sp):
     return merges
 
 
+def adds_dummy_prefix(sp):
+    """Whether sentencepiece puts a '▁' before the text (its add_dummy_prefix, on by default)."""
+    return sp.encode("a", out_type=str)[0].startswith("▁")
+
+
 def hf_tokenizer_json(sp, tok):
     """tokenizer.json for a Llama tokenizer: loads with no sentencepiece or protobuf at the user's end."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
@@ -124,7 +137,7 @@ def hf_tokenizer_json(sp, tok):
     # as sentencepiece: spaces become '▁', and its "dummy prefix" puts one more '▁' before the text, so a first
     # word looks like a word after a space. (A Metaspace pre-tokenizer would skip that '▁' for text that starts
     # with a space, so " hi" would not encode as sentencepiece does.)
-    dummy = sp.encode("a", out_type=str)[0].startswith("▁")
+    dummy = adds_dummy_prefix(sp)
     t.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if dummy else [])
                                         + [normalizers.Replace(" ", "▁")])
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -261,26 +274,139 @@ def write_file_atomic(path, chunks):
 
 
 # -----------------------------------------------------------------------------
+# llama.cpp (GGUF)
+
+# --dtype for --format gguf: (the ggml type of the 2-D weights, the file type it makes). Norm gains stay float32,
+# as llama.cpp's converter keeps every 1-D tensor. The hf spellings (float32, the default, ...) work too.
+GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+GGUF_DTYPES.update(float32=GGUF_DTYPES["f32"], float16=GGUF_DTYPES["f16"], bfloat16=GGUF_DTYPES["bf16"])
+
+
+def gguf_tensors(model):
+    """Our weights under llama.cpp's names for its llama architecture, in its order.
+
+    No row permutation for wq/wk: llama.cpp's llama graph rotates interleaved pairs (2i, 2i+1), Meta's layout and
+    ours. (Its converter permutes q/k rows only to undo the permutation Hugging Face checkpoints carry; see
+    permute_for_hf.) No output.weight: with none, llama.cpp reuses token_embd as the classifier, as our tied model.
+    """
+    yield "token_embd.weight", model.tok_embeddings.weight
+    for i, layer in enumerate(model.layers):
+        att, ffn = layer.attention, layer.feed_forward
+        yield f"blk.{i}.attn_norm.weight", layer.attention_norm.weight
+        yield f"blk.{i}.attn_q.weight", att.wq.weight
+        yield f"blk.{i}.attn_k.weight", att.wk.weight
+        yield f"blk.{i}.attn_v.weight", att.wv.weight
+        yield f"blk.{i}.attn_output.weight", att.wo.weight
+        yield f"blk.{i}.ffn_norm.weight", layer.ffn_norm.weight
+        yield f"blk.{i}.ffn_gate.weight", ffn.w1.weight
+        yield f"blk.{i}.ffn_up.weight", ffn.w3.weight
+        yield f"blk.{i}.ffn_down.weight", ffn.w2.weight
+    yield "output_norm.weight", model.norm.weight
+
+
+def gguf_vocab(gguf, sp):
+    """Pieces (bytes, '▁' kept: llama.cpp's sentencepiece tokenizer works on them), scores and token types."""
+    T = gguf.TokenType
+    pieces, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        pieces.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(sp.get_score(i))
+        types.append(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else
+                     T.BYTE if sp.is_byte(i) else T.UNUSED if sp.is_unused(i) else T.NORMAL)
+    return pieces, scores, types
+
+
+def export_gguf(model, tok, path, dtype_name):
+    try:
+        import gguf
+    except ImportError:
+        fail("--format gguf needs the gguf package: pip install -r requirements-export.txt")
+    a, sp = model.args, tok.sp
+    qtype_name, file_type_name = GGUF_DTYPES[dtype_name]
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"  # written beside the target, then renamed: an earlier file survives a failure
+    w = gguf.GGUFWriter(tmp, "llama")
+    try:
+        w.add_name("tinyllm")
+        w.add_file_type(gguf.LlamaFileType[file_type_name])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_vocab_size(a.vocab_size)
+        w.add_context_length(a.max_seq_len)
+        w.add_embedding_length(a.dim)
+        w.add_feed_forward_length(a.hidden_dim)
+        w.add_block_count(a.n_layers)
+        w.add_head_count(a.n_heads)
+        w.add_head_count_kv(a.n_kv_heads)
+        w.add_rope_dimension_count(a.dim // a.n_heads)
+        w.add_rope_freq_base(a.rope_theta)
+        w.add_layer_norm_rms_eps(a.norm_eps)
+
+        pieces, scores, types = gguf_vocab(gguf, sp)
+        w.add_tokenizer_model("llama")  # llama.cpp's sentencepiece tokenizer: merges by piece score, byte fallback
+        w.add_tokenizer_pre("default")
+        w.add_token_list(pieces)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(tok.bos_id)
+        w.add_eos_token_id(tok.eos_id)
+        w.add_unk_token_id(sp.unk_id())
+        w.add_add_bos_token(True)  # a prompt is BOS + its text, as sample.py builds it
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(adds_dummy_prefix(sp))
+
+        for name, t in gguf_tensors(model):
+            data = t.detach().to(torch.float32).contiguous().numpy()
+            q = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+            if q == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[q][0]:
+                q = gguf.GGMLQuantizationType.F16  # Q8_0 packs blocks of 32 along a row; as llama.cpp's converter
+            packed = gguf.quants.quantize(data, q)
+            w.add_tensor(name, packed, raw_dtype=q)  # quantized: uint8 bytes, the shape follows from q
+
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return qtype.name.lower()
+
+
+# -----------------------------------------------------------------------------
 
 def main():
-    if format not in ("hf", "llama2c"):
-        fail(f"unknown --format {format!r}; choose hf (transformers) or llama2c (run.c)")
+    if format not in ("hf", "llama2c", "gguf"):
+        fail(f"unknown --format {format!r}; choose hf (transformers), llama2c (run.c) or gguf (llama.cpp)")
     if not out:
-        fail("say where to write: --out DIR for --format hf, --out model.bin for --format llama2c")
-    if format == "hf" and tokenizer_out:
-        fail("--tokenizer-out is for --format llama2c; --format hf puts the tokenizer in the --out directory")
+        fail("say where to write: --out DIR for --format hf, --out model.bin for --format llama2c, "
+             "--out model.gguf for --format gguf")
+    if format != "llama2c" and tokenizer_out:
+        fail(f"--tokenizer-out is for --format llama2c; --format {format} puts the tokenizer in "
+             f"{'the --out directory' if format == 'hf' else 'the .gguf file'}")
     if format == "hf" and dtype not in DTYPES:
         fail(f"unknown --dtype {dtype!r}; choose float32, float16 or bfloat16")
     if format == "llama2c" and dtype != "float32":
         fail("llama2.c's version-0 model.bin is float32 only; drop --dtype")
-    for flag, path in (("--out", out if format == "llama2c" else ""), ("--tokenizer-out", tokenizer_out)):
+    if format == "gguf" and dtype not in GGUF_DTYPES:
+        fail(f"unknown --dtype {dtype!r} for --format gguf; choose f32, f16, bf16 or q8_0")
+    for flag, path in (("--out", out if format != "hf" else ""), ("--tokenizer-out", tokenizer_out)):
         if path and os.path.isdir(path):
-            fail(f"{flag} {path} is a directory; --format llama2c writes a file there, e.g. {flag} "
-                 f"{os.path.join(path, 'model.bin' if flag == '--out' else 'tokenizer.bin')}")
+            name = "tokenizer.bin" if flag == "--tokenizer-out" else "model.gguf" if format == "gguf" else "model.bin"
+            fail(f"{flag} {path} is a directory; --format {format} writes a file there, e.g. {flag} "
+                 f"{os.path.join(path, name)}")
     model, tok, _ = load_model(ckpt, tokenizer)
     if format == "hf":
         written = export_hf(model, tok, out, dtype)
         print(f"wrote {out}/ ({', '.join(written)}), {dtype}")
+        return
+    if format == "gguf":
+        written = export_gguf(model, tok, out, dtype)
+        print(f"wrote {out} ({os.path.getsize(out):,} bytes, GGUF, {written}); run: llama-completion -m {out} "
+              '-p "Once upon a time"')
         return
     a = model.args
     if a.rope_theta != 10000.0 or a.norm_eps != 1e-5:

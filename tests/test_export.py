@@ -1,7 +1,9 @@
 """export.py: a tiny trained model carried to Hugging Face transformers (same logits, same greedy tokens, same
-tokenization) and to llama2.c's model.bin/tokenizer.bin (read back by a reader written from the format)."""
+tokenization), to llama.cpp's GGUF (read back with the gguf package's reader; run in llama-cpp-python when it is
+installed) and to llama2.c's model.bin/tokenizer.bin (read back by a reader written from the format)."""
 
 import importlib
+import itertools
 import json
 import struct
 import sys
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import export
+import sample
 from configurator import configure
 from model import ModelArgs, Transformer, save_checkpoint
 from test_sample import make_checkpoint
@@ -141,6 +144,145 @@ def test_missing_extras_say_how_to_install(world, tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# llama.cpp (GGUF)
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def export_gguf(ckpt, out, dtype="f32"):
+    run_main(["--ckpt", ckpt, "--format", "gguf", "--out", str(out), f"--dtype={dtype}"])
+    return out
+
+
+def gguf_expected(m):
+    """Our weights under the names llama.cpp's llama architecture loads, in its converter's order."""
+    w = {"token_embd.weight": m.tok_embeddings.weight}
+    for i, layer in enumerate(m.layers):
+        att, ffn = layer.attention, layer.feed_forward
+        w.update({f"blk.{i}.{name}.weight": t.weight for name, t in [
+            ("attn_norm", layer.attention_norm), ("attn_q", att.wq), ("attn_k", att.wk), ("attn_v", att.wv),
+            ("attn_output", att.wo), ("ffn_norm", layer.ffn_norm), ("ffn_gate", ffn.w1), ("ffn_up", ffn.w3),
+            ("ffn_down", ffn.w2)]})
+    w["output_norm.weight"] = m.norm.weight
+    return {k: v.detach() for k, v in w.items()}
+
+
+def test_gguf_reads_back_with_metadata_tokenizer_and_weights(odd_world, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    m, tok = odd_world["model"], odd_world["tok"]
+    a, sp = m.args, tok.sp
+    ours = gguf_expected(m)
+    sizes = {}
+    for dtype in GGUF_DTYPES:
+        out = export_gguf(odd_world["ckpt"], tmp_path / f"{dtype}.gguf", dtype)
+        sizes[dtype] = out.stat().st_size
+        r = gguf.GGUFReader(out)
+        meta = {name: field.contents() for name, field in r.fields.items() if not name.startswith("GGUF.")}
+        assert {k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")} == pytest.approx({
+            "general.architecture": "llama", "general.name": "tinyllm", "general.quantization_version": 2,
+            "general.file_type": {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[dtype],
+            "llama.vocab_size": 320, "llama.context_length": 64, "llama.embedding_length": 64,
+            "llama.feed_forward_length": a.hidden_dim, "llama.block_count": 2, "llama.attention.head_count": 4,
+            "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16, "llama.rope.freq_base": 500.0,
+            "llama.attention.layer_norm_rms_epsilon": 1e-6})
+        T = gguf.TokenType
+        n = tok.vocab_size
+        assert meta["tokenizer.ggml.model"] == "llama"
+        assert meta["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]  # '▁' kept, '<0x0A>' too
+        assert meta["tokenizer.ggml.scores"] == pytest.approx([sp.get_score(i) for i in range(n)])
+        types = meta["tokenizer.ggml.token_type"]
+        assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL] and types[3:259] == [T.BYTE] * 256  # byte fallback
+        assert set(types[259:]) == {T.NORMAL}
+        assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
+                meta["tokenizer.ggml.unknown_token_id"]) == (tok.bos_id, tok.eos_id, 0)
+        assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+        assert meta["tokenizer.ggml.add_space_prefix"] is True
+
+        # llama.cpp's names and order, shapes in ggml's order (columns first); no output.weight (tied)
+        assert [t.name for t in r.tensors] == list(ours)
+        for t in r.tensors:
+            want = ours[t.name]
+            assert list(t.shape) == list(reversed(want.shape)), t.name
+            kind = "F32" if want.ndim == 1 else {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[dtype]
+            assert t.tensor_type.name == kind, t.name
+            back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).view(want.shape)
+            err = (back - want).abs().max() / want.abs().max()
+            assert err <= {"F32": 0, "F16": 1e-3, "BF16": 4e-3, "Q8_0": 5e-3}[kind], (t.name, float(err))
+    assert sizes["f16"] < 0.55 * sizes["f32"] and sizes["q8_0"] < 0.65 * sizes["f16"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{d}.gguf" for d in GGUF_DTYPES)  # no leftovers
+
+
+def test_gguf_missing_package_says_how_to_install(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: importing it fails
+    with pytest.raises(SystemExit) as e:
+        export_gguf(world["ckpt"], tmp_path / "m.gguf")
+    assert "pip install -r requirements-export.txt" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def llama_world(tmp_path_factory):
+    """A tiny trained model and its GGUF files, for llama.cpp itself (llama-cpp-python: it compiles llama.cpp from
+    source, so CI leaves it out and these tests skip). Its context of 128 holds a prompt and 64 greedy tokens:
+    there llama.cpp stops where our generate() slides its window. rope_theta and norm_eps are off their defaults:
+    the file must carry them."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    d = tmp_path_factory.mktemp("llama_cpp")
+    path, m, tok = make_checkpoint(d / "ckpt.pt", max_seq_len=128, rope_theta=500.0, norm_eps=1e-6)
+    files = {dtype: export_gguf(str(path), d / f"{dtype}.gguf", dtype) for dtype in ("f32", "f16", "q8_0")}
+    return {"model": m.eval(), "tok": tok, "files": files}
+
+
+def load_llama(path, **kw):
+    from llama_cpp import Llama
+    return Llama(model_path=str(path), n_ctx=128, n_threads=2, seed=0, verbose=False, **kw)
+
+
+def test_llama_cpp_tokenizes_and_decodes_like_sentencepiece(llama_world):
+    tok = llama_world["tok"]
+    llm = load_llama(llama_world["files"]["f32"], vocab_only=True)
+    assert (llm.token_bos(), llm.token_eos()) == (tok.bos_id, tok.eos_id)
+    for text in TEXTS + LEADING_SPACE:
+        ids = tok.encode(text, bos=True)
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True) == ids, text
+        assert llm.detokenize(ids).decode("utf-8") == tok.decode(ids), text
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-3), ("f16", 1e-2), ("q8_0", 0.25)])
+def test_llama_cpp_logits_and_greedy_tokens_match(llama_world, dtype, tolerance):
+    import llama_cpp
+    m = llama_world["model"]
+    # a float32 KV cache: llama.cpp's default float16 one alone moves the logits by about 3e-3
+    llm = load_llama(llama_world["files"][dtype], logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                     type_v=llama_cpp.GGML_TYPE_F32)
+    prompt = llm.tokenize(TEXTS[0].encode("utf-8"), add_bos=True)
+    ours = m.generate(torch.tensor([prompt]), 64, temperature=0)  # the prompt and our 64 greedy tokens
+    with torch.no_grad():
+        logits = m(ours, targets=ours)[0]  # with targets: logits at every position
+    llm.eval(ours[0].tolist())
+    theirs = torch.from_numpy(llm.scores[:ours.shape[1]].copy())
+    assert (theirs - logits).abs().max() < tolerance
+    if dtype == "f32":  # rounded weights may flip a near-tie somewhere in 64 steps; f32 must not
+        llm.reset()
+        greedy = list(itertools.islice(llm.generate(prompt, temp=0.0, repeat_penalty=1.0), 64))
+        assert greedy == ours[0, len(prompt):].tolist()
+
+
+def test_llama_cpp_completion_equals_sample_py_greedy_text(llama_world):
+    """What a user sees: llama-cpp-python's completion (its defaults, float16 KV cache) against sample.py's
+    --temperature=0 text for the same prompt, 64 tokens or up to EOS."""
+    m, tok = llama_world["model"], llama_world["tok"]
+    llm = load_llama(llama_world["files"]["f32"])
+    for text in ("Lily saw", "Tom was"):
+        pieces = []
+        sample.stream_sample(m, tok, sample.prompt_ids(tok, text, m.args.max_seq_len), pieces.append,
+                             max_new_tokens=64, temperature=0)
+        theirs = llm(text, max_tokens=64, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+        assert "".join(pieces) == text + theirs
+
+
+# -----------------------------------------------------------------------------
 # llama2.c
 
 def read_llama2c(path):
@@ -249,6 +391,9 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(world, tmp_path, ca
         (["--format=hf", "--out", str(tmp_path / "h"), "--tokenizer-out=t.bin"], "--tokenizer-out is for"),
         (["--format=llama2c", "--out", str(tmp_path)], "is a directory"),
         (["--format=llama2c", "--out", str(tmp_path / "m.bin"), "--tokenizer-out", str(tmp_path)], "is a directory"),
+        (["--format=gguf", "--out", str(tmp_path / "m.gguf"), "--dtype=q4_0"], "unknown --dtype"),
+        (["--format=gguf", "--out", str(tmp_path / "m.gguf"), "--tokenizer-out=t.bin"], "in the .gguf file"),
+        (["--format=gguf", "--out", str(tmp_path)], "is a directory"),
         (["--ckpt", str(tmp_path / "missing.pt"), "--format=llama2c", "--out", str(tmp_path / "m.bin")],
          "no checkpoint at"),
     ]
