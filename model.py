@@ -256,22 +256,23 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 use_cache=True):
+                 use_cache=True, cuda_graph=True):
         """Continue the token sequences idx (B, T) by up to max_new_tokens; returns (B, T + new).
 
         temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose probability
         reaches p. Generation stops once every row has produced eos_id (finished rows are padded with it).
         The context is a window of at most max_seq_len tokens: when it fills up it slides to keep the latest
         half, so with the cache one re-prefill happens every max_seq_len/2 tokens. Both paths slide the same
-        way, so use_cache=False gives the same tokens, only slower.
+        way, so use_cache=False gives the same tokens, only slower. On CUDA the cached path replays one captured
+        CUDA graph per token (see Decoder); cuda_graph=False runs the same step uncaptured.
         """
-        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache)
+        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, cuda_graph)
         # concatenated outside inference mode, so the result is an ordinary tensor callers may feed to training
         return torch.cat([idx] + [next_id[:, None] for next_id in steps], dim=1)
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                        use_cache=True):
+                        use_cache=True, cuda_graph=True):
         """generate() one step at a time: yields each new token column, a LongTensor (B,), as it is sampled.
 
         inference_mode rather than no_grad: it also skips autograd's view and version bookkeeping, a measurable
@@ -281,22 +282,18 @@ class Transformer(nn.Module):
         L = self.args.max_seq_len
         B = idx.shape[0]
         start = max(0, idx.shape[1] - L)  # first token of the context window
-        cache, cached = None, 0           # cached: how many tokens of the window are in the cache
+        decoder, filled = None, False     # filled: the cache holds the window up to the newest token but one
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if idx.shape[1] - start > L:
-                start, cached = idx.shape[1] - L // 2, 0
+                start, filled = idx.shape[1] - L // 2, False
             if not use_cache:
-                logits = self(idx[:, start:])
+                next_id = sample_next(self(idx[:, start:])[:, -1, :].float(), temperature, top_k, top_p)
             else:
-                if cache is None:
-                    cache = self._new_cache(B, idx.device)
-                if cached == 0:
-                    logits = self(idx[:, start:], cache=cache, start_pos=0)  # (re-)fill with the window
-                else:
-                    logits = self(idx[:, -1:], cache=cache, start_pos=cached)
-                cached = idx.shape[1] - start
-            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)
+                if decoder is None:
+                    decoder = Decoder(self, B, temperature, top_k, top_p, cuda_graph)
+                next_id = decoder.step(idx[:, -1]) if filled else decoder.prefill(idx[:, start:])
+                filled = True
             if eos_id is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id == eos_id
@@ -304,13 +301,6 @@ class Transformer(nn.Module):
             yield next_id
             if eos_id is not None and finished.all():
                 return
-
-    def _new_cache(self, batch_size, device):
-        a = self.args
-        shape = (batch_size, a.n_kv_heads, a.max_seq_len, a.dim // a.n_heads)
-        dtype = self.tok_embeddings.weight.dtype
-        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                for _ in range(a.n_layers)]
 
     @classmethod
     def from_checkpoint(cls, ckpt, path="the checkpoint"):
@@ -347,8 +337,124 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
             probs, ids = probs.sort(dim=-1, descending=True)
         # drop a token when the likelier ones before it already reach top_p (the first one always stays)
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    choice = torch.multinomial(probs, num_samples=1)
+    # draw one token per row: the smallest of exponential waiting times scaled by 1/p wins with probability p.
+    # This is torch.multinomial's own method for one sample (same draws for the same seed), minus its check of
+    # probs on the host, a device sync that a CUDA graph cannot contain
+    choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
     return (choice if ids is None else ids.gather(-1, choice))[:, 0]
+
+
+class Decoder:
+    """Generation's inner loop: one new token per row through every layer, with shapes that never change.
+
+    generate_stream() builds one per call. It holds what a step needs, made once:
+    - the weights in the compute dtype (autocast's, else the model's), fused for inference: wq|wk|wv as one
+      matrix and w1|w3 as another (one matmul each instead of three and two), each RMSNorm's gain folded into
+      the matrix after it, and attention's 1/sqrt(head_dim) folded into wq;
+    - a KV cache of max_seq_len positions for every layer, (n_layers, 2, B, n_kv_heads, max_seq_len, head_dim);
+    - the position as a tensor on the device, which the step reads and advances itself.
+    So a step allocates no tables or masks and is the same work at every position: it attends over the whole
+    cache, with the positions not yet written masked out. On CUDA it is captured once in a CUDA graph and
+    replayed for each token: one launch instead of hundreds, which is nearly all a small model's step costs.
+    The prompt is prefilled by the model's own forward pass, writing into the same cache.
+    """
+
+    def __init__(self, model, batch_size, temperature=1.0, top_k=None, top_p=None, cuda_graph=True):
+        a = model.args
+        emb = model.tok_embeddings.weight
+        self.model, self.args, self.B = model, a, batch_size
+        self.sampling = (temperature, top_k, top_p)
+        device = emb.device
+        self.dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                      else emb.dtype)
+        H, KV, hd, L = a.n_heads, a.n_kv_heads, a.dim // a.n_heads, a.max_seq_len
+
+        def fused(norm, *weights):  # norm(x) @ W.T == (x / rms(x)) @ (W * gain).T
+            return (torch.cat(weights).float() * norm.weight.float()).to(self.dtype)
+
+        self.weights = []
+        for layer in model.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            wqkv = fused(layer.attention_norm, att.wq.weight / math.sqrt(hd), att.wk.weight, att.wv.weight)
+            w13 = fused(layer.ffn_norm, ffn.w1.weight, ffn.w3.weight)
+            # wo and w2 enter through addmm(h, y, W.T), which adds the residual in the same kernel
+            self.weights.append((wqkv, att.wo.weight.to(self.dtype).t(), w13, ffn.w2.weight.to(self.dtype).t()))
+        self.w_out = fused(model.norm, model.output.weight)
+
+        # rotary embedding over the fused q|k|v row: out = x * cos + swap_pairs(x) * sin, with sin carrying the
+        # sign (-sin, +sin) of each pair, and cos = 1, sin = 0 over v, so q, k and v go through as one tensor.
+        # Kept in float32, as apply_rope computes
+        cos = model.rope_cos.repeat_interleave(2, dim=-1).repeat(1, H + KV)
+        sin = torch.stack((-model.rope_sin, model.rope_sin), dim=-1).flatten(-2).repeat(1, H + KV)
+        self.rope = torch.stack((F.pad(cos, (0, KV * hd), value=1.0), F.pad(sin, (0, KV * hd))), dim=1)
+        # row p: added to the attention scores of the query at position p (-inf hides positions after p)
+        self.mask = torch.full((L, L), float("-inf"), device=device).triu(1).to(self.dtype)
+
+        self.cache = torch.zeros(a.n_layers, 2, batch_size, KV, L, hd, dtype=self.dtype, device=device)
+        # the same memory seen as forward()'s per-layer (k, v) buffers (prefill) and as bmm's operands (steps)
+        self.prefill_cache = [(c[0], c[1]) for c in self.cache]
+        self.keys_t = [c[0].view(batch_size * KV, L, hd).transpose(1, 2) for c in self.cache]
+        self.values = [c[1].view(batch_size * KV, L, hd) for c in self.cache]
+
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)  # the step's input
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # its position in the window
+        self.graph = None
+        if cuda_graph and device.type == "cuda":
+            self.next_id = self._capture()
+
+    @torch.inference_mode()
+    def prefill(self, tokens):
+        """Fill the cache with tokens (B, T), the window, from position 0; returns the next token (B,)."""
+        logits = self.model(tokens, cache=self.prefill_cache, start_pos=0)
+        self.pos.fill_(tokens.shape[1])
+        return sample_next(logits[:, -1, :].float(), *self.sampling)
+
+    @torch.inference_mode()
+    def step(self, token):
+        """Run token (B,), the window's newest, at the current position; returns the next token (B,)."""
+        self.token.copy_(token)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.next_id.clone()  # the next replay overwrites next_id
+
+    def _step(self):
+        a, B = self.args, self.B
+        H, KV, hd = a.n_heads, a.n_kv_heads, a.dim // a.n_heads
+        with torch.autocast(self.pos.device.type, enabled=False):  # the weights are in the compute dtype already
+            h = self.model.tok_embeddings(self.token.view(B, 1)).view(B, a.dim).to(self.dtype)
+            cos, sin = self.rope.index_select(0, self.pos).unbind(1)  # (1, (H + 2 * KV) * hd) each
+            mask = self.mask.index_select(0, self.pos).view(1, 1, -1)
+            for (wqkv, wo_t, w13, w2_t), cache, keys_t, values in zip(self.weights, self.cache, self.keys_t,
+                                                                     self.values):
+                qkv = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), wqkv)
+                qkv = torch.addcmul(qkv * cos, qkv.view(B, -1, 2).flip(-1).view(B, -1), sin).to(self.dtype)
+                q, kv = qkv.split((H * hd, 2 * KV * hd), dim=1)
+                cache.index_copy_(3, self.pos, kv.view(B, 2, KV, 1, hd).transpose(0, 1))
+                # grouped-query attention: the n_heads // n_kv_heads query heads that share a kv head are that
+                # head's rows of queries, so one batched matmul per side covers every head with no copy of the cache
+                scores = torch.baddbmm(mask, q.reshape(B * KV, H // KV, hd), keys_t)
+                y = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, H * hd)
+                h = torch.addmm(h, y, wo_t)
+                gate, up = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), w13).chunk(2, dim=1)
+                h = torch.addmm(h, F.silu(gate) * up, w2_t)
+            logits = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), self.w_out)
+            self.pos += 1
+            return sample_next(logits.float(), *self.sampling)
+
+    def _capture(self):
+        """Record one step in a CUDA graph (after warm-up runs, which cuBLAS needs); returns its output tensor."""
+        stream = torch.cuda.Stream(self.pos.device)
+        stream.wait_stream(torch.cuda.current_stream(self.pos.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.pos.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            next_id = self._step()
+        # the warm-up wrote positions 0 and 1 of the cache: prefill() overwrites them before they are read
+        return next_id
 
 
 # -----------------------------------------------------------------------------
