@@ -359,6 +359,7 @@ class Decoder:
     The prompt is prefilled by the model's own forward pass, writing into the same cache.
     """
 
+    @torch.inference_mode()
     def __init__(self, model, batch_size, temperature=1.0, top_k=None, top_p=None, cuda_graph=True):
         a = model.args
         emb = model.tok_embeddings.weight
@@ -453,7 +454,8 @@ class Decoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             next_id = self._step()
-        # the warm-up wrote positions 0 and 1 of the cache: prefill() overwrites them before they are read
+        # the warm-up wrote into the cache: harmless, as a position is written (by prefill() or by the step at that
+        # position) before any query can see it
         return next_id
 
 

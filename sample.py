@@ -32,7 +32,6 @@ top_p = 1.0  # nucleus sampling: only the likeliest tokens whose probabilities a
 seed = 1337
 device = "auto"  # "auto" (cuda, mps, cpu in that order), "cpu", "cuda", "cuda:1", "mps"
 dtype = "auto"  # "auto" (bfloat16 where supported, float16 on older GPUs, float32 on CPU), or explicit
-compile = False  # torch.compile the forward pass (pays off only for long or many samples)
 tokenizer = ""  # a sentencepiece .model to use instead of the one stored in the checkpoint
 # -----------------------------------------------------------------------------
 
@@ -161,9 +160,6 @@ def main():
     dt = pick_dtype(dtype, dev)
     model, tok, ck = load_model(ckpt, tokenizer)
     model.to(dev)
-    if compile:
-        # compile forward itself: generate() calls self(...), which a torch.compile(model) wrapper would bypass
-        model.forward = torch.compile(model.forward, dynamic=True)
     ids = prompt_ids(tok, text, model.args.max_seq_len)
     torch.manual_seed(seed)
     print(f"{ckpt}: iteration {ck.get('iter_num', '?')}, {model.num_params() / 1e6:.1f}M parameters, "
