@@ -292,7 +292,7 @@ class Transformer(nn.Module):
             else:
                 if decoder is None:
                     decoder = Decoder(self, B, temperature, top_k, top_p, cuda_graph)
-                next_id = decoder.step(idx[:, -1]) if filled else decoder.prefill(idx[:, start:])
+                next_id = decoder.step() if filled else decoder.prefill(idx[:, start:])
                 filled = True
             if eos_id is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
@@ -327,19 +327,20 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    ids = None  # when set: the vocabulary ids of the columns left in logits, likeliest first
+    ids = None  # when set: the vocabulary ids of the columns left in logits
     if top_k is not None and top_k < logits.size(-1):
-        # sample among the k likeliest only: softmax and draw over k columns, not the whole vocabulary
-        logits, ids = torch.topk(logits, top_k, dim=-1)
+        # sample among the k likeliest only: softmax and draw over k columns, not the whole vocabulary (sorted
+        # only where top_p needs them in order: the sort costs more than the draw)
+        logits, ids = torch.topk(logits, top_k, dim=-1, sorted=top_p is not None and top_p < 1.0)
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         if ids is None:
             probs, ids = probs.sort(dim=-1, descending=True)
         # drop a token when the likelier ones before it already reach top_p (the first one always stays)
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    # draw one token per row: the smallest of exponential waiting times scaled by 1/p wins with probability p.
-    # This is torch.multinomial's own method for one sample (same draws for the same seed), minus its check of
-    # probs on the host, a device sync that a CUDA graph cannot contain
+    # draw one token per row: with E_i ~ Exp(1), the argmax of p_i / E_i is token i with probability p_i.
+    # torch.multinomial draws one sample the same way, but first checks probs on the host: a device sync,
+    # which a CUDA graph cannot contain
     choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
     return (choice if ids is None else ids.gather(-1, choice))[:, 0]
 
@@ -382,12 +383,12 @@ class Decoder:
             self.weights.append((wqkv, att.wo.weight.to(self.dtype).t(), w13, ffn.w2.weight.to(self.dtype).t()))
         self.w_out = fused(model.norm, model.output.weight)
 
-        # rotary embedding over the fused q|k|v row: out = x * cos + swap_pairs(x) * sin, with sin carrying the
-        # sign (-sin, +sin) of each pair, and cos = 1, sin = 0 over v, so q, k and v go through as one tensor.
-        # Kept in float32, as apply_rope computes
-        cos = model.rope_cos.repeat_interleave(2, dim=-1).repeat(1, H + KV)
-        sin = torch.stack((-model.rope_sin, model.rope_sin), dim=-1).flatten(-2).repeat(1, H + KV)
-        self.rope = torch.stack((F.pad(cos, (0, KV * hd), value=1.0), F.pad(sin, (0, KV * hd))), dim=1)
+        # rotary embedding as what it is: each pair (x[2i], x[2i+1]) of q and k times a 2x2 rotation matrix, here
+        # for every pair of the fused q|k|v row at once (one batched matmul), the identity over v's pairs.
+        # rope[p, i] is pair i's matrix at position p, for a row vector: (x0, x1) @ [[cos, sin], [-sin, cos]]
+        cos = F.pad(model.rope_cos.repeat(1, H + KV), (0, KV * hd // 2), value=1.0)  # (L, pairs)
+        sin = F.pad(model.rope_sin.repeat(1, H + KV), (0, KV * hd // 2))
+        self.rope = torch.stack((torch.stack((cos, sin), -1), torch.stack((-sin, cos), -1)), -2).to(self.dtype)
         # row p: added to the attention scores of the query at position p (-inf hides positions after p)
         self.mask = torch.full((L, L), float("-inf"), device=device).triu(1).to(self.dtype)
 
@@ -397,54 +398,59 @@ class Decoder:
         self.keys_t = [c[0].view(batch_size * KV, L, hd).transpose(1, 2) for c in self.cache]
         self.values = [c[1].view(batch_size * KV, L, hd) for c in self.cache]
 
-        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)  # the step's input
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)  # the last token sampled
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # its position in the window
         self.graph = None
         if cuda_graph and device.type == "cuda":
-            self.next_id = self._capture()
+            self._capture()
 
     @torch.inference_mode()
     def prefill(self, tokens):
         """Fill the cache with tokens (B, T), the window, from position 0; returns the next token (B,)."""
         logits = self.model(tokens, cache=self.prefill_cache, start_pos=0)
         self.pos.fill_(tokens.shape[1])
-        return sample_next(logits[:, -1, :].float(), *self.sampling)
+        self.token.copy_(sample_next(logits[:, -1, :].float(), *self.sampling))
+        return self.token.clone()
 
     @torch.inference_mode()
-    def step(self, token):
-        """Run token (B,), the window's newest, at the current position; returns the next token (B,)."""
-        self.token.copy_(token)
+    def step(self):
+        """Run the last token sampled (B,) at the next position; returns the token sampled after it (B,).
+
+        The step feeds itself (a row that generate_stream() pads with EOS after it finished goes on with its own
+        tokens, which nothing reads): no copy in per token, only the copy out, which the next step overwrites.
+        """
         if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        return self.next_id.clone()  # the next replay overwrites next_id
+            self._step()
+        else:
+            self.graph.replay()
+        return self.token.clone()
 
     def _step(self):
         a, B = self.args, self.B
         H, KV, hd = a.n_heads, a.n_kv_heads, a.dim // a.n_heads
         with torch.autocast(self.pos.device.type, enabled=False):  # the weights are in the compute dtype already
             h = self.model.tok_embeddings(self.token.view(B, 1)).view(B, a.dim).to(self.dtype)
-            cos, sin = self.rope.index_select(0, self.pos).unbind(1)  # (1, (H + 2 * KV) * hd) each
+            rope = self.rope.index_select(0, self.pos)  # (1, pairs, 2, 2): this position's rotations
             mask = self.mask.index_select(0, self.pos).view(1, 1, -1)
             for (wqkv, wo_t, w13, w2_t), cache, keys_t, values in zip(self.weights, self.cache, self.keys_t,
                                                                      self.values):
                 qkv = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), wqkv)
-                qkv = torch.addcmul(qkv * cos, qkv.view(B, -1, 2).flip(-1).view(B, -1), sin).to(self.dtype)
+                qkv = torch.matmul(qkv.view(B, -1, 1, 2), rope).view(B, -1)
                 q, kv = qkv.split((H * hd, 2 * KV * hd), dim=1)
                 cache.index_copy_(3, self.pos, kv.view(B, 2, KV, 1, hd).transpose(0, 1))
                 # grouped-query attention: the n_heads // n_kv_heads query heads that share a kv head are that
                 # head's rows of queries, so one batched matmul per side covers every head with no copy of the cache
                 scores = torch.baddbmm(mask, q.reshape(B * KV, H // KV, hd), keys_t)
                 y = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, H * hd)
-                h = torch.addmm(h, y, wo_t)
+                h.addmm_(y, wo_t)  # h += y @ wo.T in the matmul itself
                 gate, up = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), w13).chunk(2, dim=1)
-                h = torch.addmm(h, F.silu(gate) * up, w2_t)
+                h.addmm_(F.silu(gate) * up, w2_t)
             logits = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), self.w_out)
             self.pos += 1
-            return sample_next(logits.float(), *self.sampling)
+            self.token.copy_(sample_next(logits.float(), *self.sampling))
 
     def _capture(self):
-        """Record one step in a CUDA graph (after warm-up runs, which cuBLAS needs); returns its output tensor."""
+        """Record one step in a CUDA graph, after warm-up runs (which cuBLAS needs)."""
         stream = torch.cuda.Stream(self.pos.device)
         stream.wait_stream(torch.cuda.current_stream(self.pos.device))
         with torch.cuda.stream(stream):
@@ -453,10 +459,9 @@ class Decoder:
         torch.cuda.current_stream(self.pos.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            next_id = self._step()
+            self._step()
         # the warm-up wrote into the cache: harmless, as a position is written (by prefill() or by the step at that
         # position) before any query can see it
-        return next_id
 
 
 # -----------------------------------------------------------------------------
