@@ -21,6 +21,7 @@ from model import ModelArgs, Transformer, autocast_ctx, pick_dtype, sample_next
 
 # -----------------------------------------------------------------------------
 SEED_SHAPE = dict(dim=288, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=4096, max_seq_len=256)
+SHAPE_NAME = "seed: 288d 8L 8/4h v4096"
 REPEATS = 3  # each figure is the median of this many timed runs, after one untimed run
 # sampling
 SAMPLE_BATCHES = (1, 16)
@@ -109,7 +110,7 @@ def bench_sampling(device) -> list[dict]:
                 runs = [time_sampling(steps(idx), device) for _ in range(REPEATS)]
             rate = statistics.median(r[1] for r in runs)
             baseline = baseline or rate
-            rows.append({"bench": "sample", "device": device, "dtype": dtype, "batch": batch,
+            rows.append({"bench": "sample", "device": device, "dtype": dtype, "shape": SHAPE_NAME, "batch": batch,
                          "new tokens": SAMPLE_NEW_TOKENS, "path": path, "tokens/s": f"{rate:,.0f}",
                          "warm-up s": f"{statistics.median(r[0] for r in runs):.3f}",
                          "vs baseline": f"{rate / baseline:.2f}x"})

@@ -371,16 +371,24 @@ class Decoder:
                       else emb.dtype)
         H, KV, hd, L = a.n_heads, a.n_kv_heads, a.dim // a.n_heads, a.max_seq_len
 
+        # a CPU's BLAS computes a product with one row (batch 1) on one core: there each matrix is cut by rows into
+        # one block per thread, and one bmm over the blocks runs them in parallel (see _linear)
+        self.blocks = torch.get_num_threads() if device.type == "cpu" else 1
+
+        def prepared(w):
+            w = w.to(self.dtype)
+            n = self.blocks
+            return w if n == 1 or w.shape[0] % n else w.view(n, w.shape[0] // n, w.shape[1]).transpose(1, 2)
+
         def fused(norm, *weights):  # norm(x) @ W.T == (x / rms(x)) @ (W * gain).T
-            return (torch.cat(weights).float() * norm.weight.float()).to(self.dtype)
+            return prepared(torch.cat(weights).float() * norm.weight.float())
 
         self.weights = []
         for layer in model.layers:
             att, ffn = layer.attention, layer.feed_forward
             wqkv = fused(layer.attention_norm, att.wq.weight / math.sqrt(hd), att.wk.weight, att.wv.weight)
             w13 = fused(layer.ffn_norm, ffn.w1.weight, ffn.w3.weight)
-            # wo and w2 enter through addmm(h, y, W.T), which adds the residual in the same kernel
-            self.weights.append((wqkv, att.wo.weight.to(self.dtype).t(), w13, ffn.w2.weight.to(self.dtype).t()))
+            self.weights.append((wqkv, prepared(att.wo.weight), w13, prepared(ffn.w2.weight)))
         self.w_out = fused(model.norm, model.output.weight)
 
         # rotary embedding as what it is: each pair (x[2i], x[2i+1]) of q and k times a 2x2 rotation matrix, here
@@ -432,9 +440,8 @@ class Decoder:
             h = self.model.tok_embeddings(self.token.view(B, 1)).view(B, a.dim).to(self.dtype)
             rope = self.rope.index_select(0, self.pos)  # (1, pairs, 2, 2): this position's rotations
             mask = self.mask.index_select(0, self.pos).view(1, 1, -1)
-            for (wqkv, wo_t, w13, w2_t), cache, keys_t, values in zip(self.weights, self.cache, self.keys_t,
-                                                                     self.values):
-                qkv = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), wqkv)
+            for (wqkv, wo, w13, w2), cache, keys_t, values in zip(self.weights, self.cache, self.keys_t, self.values):
+                qkv = _linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), wqkv)
                 qkv = torch.matmul(qkv.view(B, -1, 1, 2), rope).view(B, -1)
                 q, kv = qkv.split((H * hd, 2 * KV * hd), dim=1)
                 cache.index_copy_(3, self.pos, kv.view(B, 2, KV, 1, hd).transpose(0, 1))
@@ -442,10 +449,10 @@ class Decoder:
                 # head's rows of queries, so one batched matmul per side covers every head with no copy of the cache
                 scores = torch.baddbmm(mask, q.reshape(B * KV, H // KV, hd), keys_t)
                 y = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, H * hd)
-                h.addmm_(y, wo_t)  # h += y @ wo.T in the matmul itself
-                gate, up = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), w13).chunk(2, dim=1)
-                h.addmm_(F.silu(gate) * up, w2_t)
-            logits = F.linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), self.w_out)
+                _add_linear_(h, y, wo)
+                gate, up = _linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), w13).chunk(2, dim=1)
+                _add_linear_(h, F.silu(gate) * up, w2)
+            logits = _linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), self.w_out)
             self.pos += 1
             self.token.copy_(sample_next(logits.float(), *self.sampling))
 
@@ -462,6 +469,18 @@ class Decoder:
             self._step()
         # the warm-up wrote into the cache: harmless, as a position is written (by prefill() or by the step at that
         # position) before any query can see it
+
+
+def _linear(x, w):
+    """x @ W.T for a Decoder's weight: W itself (out, in), or W's row blocks as (blocks, in, out / blocks)."""
+    if w.dim() == 2:
+        return F.linear(x, w)
+    return torch.bmm(x.expand(w.shape[0], *x.shape), w).transpose(0, 1).reshape(x.shape[0], -1)
+
+
+def _add_linear_(h, x, w):
+    """h += x @ W.T, in place; for a whole W inside the matmul itself (addmm's accumulate)."""
+    return h.addmm_(x, w.t()) if w.dim() == 2 else h.add_(_linear(x, w))
 
 
 # -----------------------------------------------------------------------------

@@ -7,8 +7,10 @@ Sample text from a trained tinyllm checkpoint; the text streams to stdout as it 
     python sample.py --ckpt output/ckpt.pt --top_k=0 --top_p=0.9 --max_new_tokens=500
 
 The tokenizer travels inside the checkpoint; --tokenizer=path.model overrides it (its vocab size must match the
-model's). Each sample is BOS + the prompt, continued until EOS or max_new_tokens, using the model's KV cache.
-Samples are separated by a line of dashes; tokens/s goes to stderr at the end.
+model's). Each sample is BOS + the prompt, continued until EOS or max_new_tokens, using the model's KV cache (on
+CUDA, one captured CUDA graph replayed per token). The num_samples samples run together as one batch: the first
+streams, the others are printed whole when it ends, separated by a line of dashes. tokens/s (after the first
+token) and the warm-up before the first token go to stderr at the end.
 """
 
 import os
