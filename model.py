@@ -351,7 +351,8 @@ class Decoder:
     generate_stream() builds one per call. It holds what a step needs, made once:
     - the weights in the compute dtype (autocast's, else the model's), fused for inference: wq|wk|wv as one
       matrix and w1|w3 as another (one matmul each instead of three and two), each RMSNorm's gain folded into
-      the matrix after it, and attention's 1/sqrt(head_dim) folded into wq;
+      the matrix after it, and attention's 1/sqrt(head_dim) folded into wq (on a CPU, each matrix cut into one row
+      block per thread);
     - a KV cache of max_seq_len positions for every layer, (n_layers, 2, B, n_kv_heads, max_seq_len, head_dim);
     - the position as a tensor on the device, which the step reads and advances itself.
     So a step allocates no tables or masks and is the same work at every position: it attends over the whole
