@@ -257,22 +257,23 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 use_cache=True):
+                 use_cache=True, cuda_graph=True):
         """Continue the token sequences idx (B, T) by up to max_new_tokens; returns (B, T + new).
 
         temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose probability
         reaches p. Generation stops once every row has produced eos_id (finished rows are padded with it).
         The context is a window of at most max_seq_len tokens: when it fills up it slides to keep the latest
         half, so with the cache one re-prefill happens every max_seq_len/2 tokens. Both paths slide the same
-        way, so use_cache=False gives the same tokens, only slower.
+        way, so use_cache=False gives the same tokens, only slower. On CUDA the cached path replays one captured
+        CUDA graph per token (see Decoder); cuda_graph=False runs the same step uncaptured.
         """
-        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache)
+        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, cuda_graph)
         # concatenated outside inference mode, so the result is an ordinary tensor callers may feed to training
         return torch.cat([idx] + [next_id[:, None] for next_id in steps], dim=1)
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                        use_cache=True):
+                        use_cache=True, cuda_graph=True):
         """generate() one step at a time: yields each new token column, a LongTensor (B,), as it is sampled.
 
         inference_mode rather than no_grad: it also skips autograd's view and version bookkeeping, a measurable
@@ -282,22 +283,18 @@ class Transformer(nn.Module):
         L = self.args.max_seq_len
         B = idx.shape[0]
         start = max(0, idx.shape[1] - L)  # first token of the context window
-        cache, cached = None, 0           # cached: how many tokens of the window are in the cache
+        decoder, filled = None, False     # filled: the cache holds the window up to the newest token but one
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if idx.shape[1] - start > L:
-                start, cached = idx.shape[1] - L // 2, 0
+                start, filled = idx.shape[1] - L // 2, False
             if not use_cache:
-                logits = self(idx[:, start:])
+                next_id = sample_next(self(idx[:, start:])[:, -1, :].float(), temperature, top_k, top_p)
             else:
-                if cache is None:
-                    cache = self._new_cache(B, idx.device)
-                if cached == 0:
-                    logits = self(idx[:, start:], cache=cache, start_pos=0)  # (re-)fill with the window
-                else:
-                    logits = self(idx[:, -1:], cache=cache, start_pos=cached)
-                cached = idx.shape[1] - start
-            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)
+                if decoder is None:
+                    decoder = Decoder(self, B, temperature, top_k, top_p, cuda_graph)
+                next_id = decoder.step() if filled else decoder.prefill(idx[:, start:])
+                filled = True
             if eos_id is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id == eos_id
@@ -305,13 +302,6 @@ class Transformer(nn.Module):
             yield next_id
             if eos_id is not None and finished.all():
                 return
-
-    def _new_cache(self, batch_size, device):
-        a = self.args
-        shape = (batch_size, a.n_kv_heads, a.max_seq_len, a.dim // a.n_heads)
-        dtype = self.tok_embeddings.weight.dtype
-        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                for _ in range(a.n_layers)]
 
     @classmethod
     def from_checkpoint(cls, ckpt, path="the checkpoint"):
@@ -459,18 +449,161 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    ids = None  # when set: the vocabulary ids of the columns left in logits, likeliest first
+    ids = None  # when set: the vocabulary ids of the columns left in logits
     if top_k is not None and top_k < logits.size(-1):
-        # sample among the k likeliest only: softmax and draw over k columns, not the whole vocabulary
-        logits, ids = torch.topk(logits, top_k, dim=-1)
+        # sample among the k likeliest only: softmax and draw over k columns, not the whole vocabulary (sorted
+        # only where top_p needs them in order: the sort costs more than the draw)
+        logits, ids = torch.topk(logits, top_k, dim=-1, sorted=top_p is not None and top_p < 1.0)
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         if ids is None:
             probs, ids = probs.sort(dim=-1, descending=True)
         # drop a token when the likelier ones before it already reach top_p (the first one always stays)
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    choice = torch.multinomial(probs, num_samples=1)
+    # draw one token per row: with E_i ~ Exp(1), the argmax of p_i / E_i is token i with probability p_i.
+    # torch.multinomial draws one sample the same way, but first checks probs on the host: a device sync,
+    # which a CUDA graph cannot contain
+    choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
     return (choice if ids is None else ids.gather(-1, choice))[:, 0]
+
+
+class Decoder:
+    """Generation's inner loop: one new token per row through every layer, with shapes that never change.
+
+    generate_stream() builds one per call. It holds what a step needs, made once:
+    - the weights in the compute dtype (autocast's, else the model's), fused for inference: wq|wk|wv as one
+      matrix and w1|w3 as another (one matmul each instead of three and two), each RMSNorm's gain folded into
+      the matrix after it, and attention's 1/sqrt(head_dim) folded into wq (on a CPU, each matrix cut into one row
+      block per thread);
+    - a KV cache of max_seq_len positions for every layer, (n_layers, 2, B, n_kv_heads, max_seq_len, head_dim);
+    - the position as a tensor on the device, which the step reads and advances itself.
+    So a step allocates no tables or masks and is the same work at every position: it attends over the whole
+    cache, with the positions not yet written masked out. On CUDA it is captured once in a CUDA graph and
+    replayed for each token: one launch instead of hundreds, which is nearly all a small model's step costs.
+    The prompt is prefilled by the model's own forward pass, writing into the same cache.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model, batch_size, temperature=1.0, top_k=None, top_p=None, cuda_graph=True):
+        a = model.args
+        emb = model.tok_embeddings.weight
+        self.model, self.args, self.B = model, a, batch_size
+        self.sampling = (temperature, top_k, top_p)
+        device = emb.device
+        self.dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                      else emb.dtype)
+        H, KV, hd, L = a.n_heads, a.n_kv_heads, a.dim // a.n_heads, a.max_seq_len
+
+        # a CPU's BLAS computes a product with one row (batch 1) on one core: there each matrix is cut by rows into
+        # one block per thread, and one bmm over the blocks runs them in parallel (see _linear)
+        self.blocks = torch.get_num_threads() if device.type == "cpu" else 1
+
+        def prepared(w):
+            w = w.to(self.dtype)
+            n = self.blocks
+            return w if n == 1 or w.shape[0] % n else w.view(n, w.shape[0] // n, w.shape[1]).transpose(1, 2)
+
+        def fused(norm, *weights):  # norm(x) @ W.T == (x / rms(x)) @ (W * gain).T
+            return prepared(torch.cat(weights).float() * norm.weight.float())
+
+        self.weights = []
+        for layer in model.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            wqkv = fused(layer.attention_norm, att.wq.weight / math.sqrt(hd), att.wk.weight, att.wv.weight)
+            w13 = fused(layer.ffn_norm, ffn.w1.weight, ffn.w3.weight)
+            self.weights.append((wqkv, prepared(att.wo.weight), w13, prepared(ffn.w2.weight)))
+        self.w_out = fused(model.norm, model.output.weight)
+
+        # rotary embedding as what it is: each pair (x[2i], x[2i+1]) of q and k times a 2x2 rotation matrix, here
+        # for every pair of the fused q|k|v row at once (one batched matmul), the identity over v's pairs.
+        # rope[p, i] is pair i's matrix at position p, for a row vector: (x0, x1) @ [[cos, sin], [-sin, cos]]
+        cos = F.pad(model.rope_cos.repeat(1, H + KV), (0, KV * hd // 2), value=1.0)  # (L, pairs)
+        sin = F.pad(model.rope_sin.repeat(1, H + KV), (0, KV * hd // 2))
+        self.rope = torch.stack((torch.stack((cos, sin), -1), torch.stack((-sin, cos), -1)), -2).to(self.dtype)
+        # row p: added to the attention scores of the query at position p (-inf hides positions after p)
+        self.mask = torch.full((L, L), float("-inf"), device=device).triu(1).to(self.dtype)
+
+        self.cache = torch.zeros(a.n_layers, 2, batch_size, KV, L, hd, dtype=self.dtype, device=device)
+        # the same memory seen as forward()'s per-layer (k, v) buffers (prefill) and as bmm's operands (steps)
+        self.prefill_cache = [(c[0], c[1]) for c in self.cache]
+        self.keys_t = [c[0].view(batch_size * KV, L, hd).transpose(1, 2) for c in self.cache]
+        self.values = [c[1].view(batch_size * KV, L, hd) for c in self.cache]
+
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)  # the last token sampled
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # its position in the window
+        self.graph = None
+        if cuda_graph and device.type == "cuda":
+            self._capture()
+
+    @torch.inference_mode()
+    def prefill(self, tokens):
+        """Fill the cache with tokens (B, T), the window, from position 0; returns the next token (B,)."""
+        logits = self.model(tokens, cache=self.prefill_cache, start_pos=0)
+        self.pos.fill_(tokens.shape[1])
+        self.token.copy_(sample_next(logits[:, -1, :].float(), *self.sampling))
+        return self.token.clone()
+
+    @torch.inference_mode()
+    def step(self):
+        """Run the last token sampled (B,) at the next position; returns the token sampled after it (B,).
+
+        The step feeds itself (a row that generate_stream() pads with EOS after it finished goes on with its own
+        tokens, which nothing reads): no copy in per token, only the copy out, which the next step overwrites.
+        """
+        if self.graph is None:
+            self._step()
+        else:
+            self.graph.replay()
+        return self.token.clone()
+
+    def _step(self):
+        a, B = self.args, self.B
+        H, KV, hd = a.n_heads, a.n_kv_heads, a.dim // a.n_heads
+        with torch.autocast(self.pos.device.type, enabled=False):  # the weights are in the compute dtype already
+            h = self.model.tok_embeddings(self.token.view(B, 1)).view(B, a.dim).to(self.dtype)
+            rope = self.rope.index_select(0, self.pos)  # (1, pairs, 2, 2): this position's rotations
+            mask = self.mask.index_select(0, self.pos).view(1, 1, -1)
+            for (wqkv, wo, w13, w2), cache, keys_t, values in zip(self.weights, self.cache, self.keys_t, self.values):
+                qkv = _linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), wqkv)
+                qkv = torch.matmul(qkv.view(B, -1, 1, 2), rope).view(B, -1)
+                q, kv = qkv.split((H * hd, 2 * KV * hd), dim=1)
+                cache.index_copy_(3, self.pos, kv.view(B, 2, KV, 1, hd).transpose(0, 1))
+                # grouped-query attention: the n_heads // n_kv_heads query heads that share a kv head are that
+                # head's rows of queries, so one batched matmul per side covers every head with no copy of the cache
+                scores = torch.baddbmm(mask, q.reshape(B * KV, H // KV, hd), keys_t)
+                y = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, H * hd)
+                _add_linear_(h, y, wo)
+                gate, up = _linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), w13).chunk(2, dim=1)
+                _add_linear_(h, F.silu(gate) * up, w2)
+            logits = _linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), self.w_out)
+            self.pos += 1
+            self.token.copy_(sample_next(logits.float(), *self.sampling))
+
+    def _capture(self):
+        """Record one step in a CUDA graph, after warm-up runs (which cuBLAS needs)."""
+        stream = torch.cuda.Stream(self.pos.device)
+        stream.wait_stream(torch.cuda.current_stream(self.pos.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.pos.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        # the warm-up wrote into the cache: harmless, as a position is written (by prefill() or by the step at that
+        # position) before any query can see it
+
+
+def _linear(x, w):
+    """x @ W.T for a Decoder's weight: W itself (out, in), or W's row blocks as (blocks, in, out / blocks)."""
+    if w.dim() == 2:
+        return F.linear(x, w)
+    return torch.bmm(x.expand(w.shape[0], *x.shape), w).transpose(0, 1).reshape(x.shape[0], -1)
+
+
+def _add_linear_(h, x, w):
+    """h += x @ W.T, in place; for a whole W inside the matmul itself (addmm's accumulate)."""
+    return h.addmm_(x, w.t()) if w.dim() == 2 else h.add_(_linear(x, w))
 
 
 # -----------------------------------------------------------------------------

@@ -7,8 +7,10 @@ Sample text from a trained tinyllm checkpoint; the text streams to stdout as it 
     python sample.py --ckpt output/ckpt.pt --top_k=0 --top_p=0.9 --max_new_tokens=500
 
 The tokenizer travels inside the checkpoint; --tokenizer=path.model overrides it (its vocab size must match the
-model's). Each sample is BOS + the prompt, continued until EOS or max_new_tokens, using the model's KV cache.
-Samples are separated by a line of dashes; tokens/s goes to stderr at the end.
+model's). Each sample is BOS + the prompt, continued until EOS or max_new_tokens, using the model's KV cache (on
+CUDA, one captured CUDA graph replayed per token). The num_samples samples run together as one batch: the first
+streams, the others are printed whole when it ends, separated by a line of dashes. tokens/s (after the first
+token) and the warm-up before the first token go to stderr at the end.
 """
 
 import os
@@ -32,7 +34,6 @@ top_p = 1.0  # nucleus sampling: only the likeliest tokens whose probabilities a
 seed = 1337
 device = "auto"  # "auto" (cuda, mps, cpu in that order), "cpu", "cuda", "cuda:1", "mps"
 dtype = "auto"  # "auto" (bfloat16 where supported, float16 on older GPUs, float32 on CPU), or explicit
-compile = False  # torch.compile the forward pass (pays off only for long or many samples)
 tokenizer = ""  # a sentencepiece .model to use instead of the one stored in the checkpoint
 # -----------------------------------------------------------------------------
 
@@ -120,20 +121,25 @@ class TextStream:
         return text[len(seen):]
 
 
-def stream_sample(model, tok, ids, write, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-    """Continue the prompt ids, calling write(text) with the prompt and then each new piece of text as soon as it
-    is sampled. Returns the new token ids (ending with EOS when the model produced it)."""
+def stream_sample(model, tok, ids, write, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_samples=1):
+    """Continue the prompt ids num_samples times, as one batch. The first sample streams: write(text) gets the
+    prompt and then each new piece of its text as soon as it is sampled. Returns each sample's new token ids (a
+    list per sample, ending with EOS when the model produced it) and the time.perf_counter() at which the first
+    new tokens arrived: what came before (setup, CUDA graph capture, the prompt's prefill) is warm-up."""
     stream = TextStream(tok, ids)
     write(stream.take())
-    idx = torch.tensor([ids], dtype=torch.long, device=model.tok_embeddings.weight.device)
-    new = []
-    for next_id in model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p,
-                                         eos_id=tok.eos_id):
-        new.append(int(next_id[0]))
-        if new[-1] != tok.eos_id:
-            write(stream.add(new[-1]))
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=model.tok_embeddings.weight.device)
+    new, first_at = [[] for _ in range(num_samples)], None
+    for column in model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p, eos_id=tok.eos_id):
+        column = column.tolist()
+        first_at = first_at or time.perf_counter()
+        for sample_ids, token_id in zip(new, column):
+            if not sample_ids or sample_ids[-1] != tok.eos_id:  # a finished sample is padded with EOS: not its own
+                sample_ids.append(token_id)
+                if sample_ids is new[0] and token_id != tok.eos_id:
+                    write(stream.add(token_id))
     write(stream.take(final=True))
-    return new
+    return new, first_at
 
 
 def write_stdout(text):
@@ -156,25 +162,27 @@ def main():
     dt = pick_dtype(dtype, dev)
     model, tok, ck = load_model(ckpt, tokenizer)
     model.to(dev)
-    if compile:
-        # compile forward itself: generate() calls self(...), which a torch.compile(model) wrapper would bypass
-        model.forward = torch.compile(model.forward, dynamic=True)
     ids = prompt_ids(tok, text, model.args.max_seq_len)
     torch.manual_seed(seed)
     print(f"{ckpt}: iteration {ck.get('iter_num', '?')}, {model.num_params() / 1e6:.1f}M parameters, "
           f"on {dev} in {dt}", file=sys.stderr)
 
-    n_tokens, seconds = 0, 0.0
+    t0 = time.perf_counter()
     with autocast_ctx(dev, dt):
-        for i in range(num_samples):
-            if i:
-                write_stdout("-" * 40 + "\n")  # between samples
-            t0 = time.perf_counter()
-            new = stream_sample(model, tok, ids, write_stdout, max_new_tokens, temperature, top_k, top_p)
-            seconds += time.perf_counter() - t0
-            n_tokens += len(new)
-            write_stdout("\n")
-    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s", file=sys.stderr)
+        samples, first_at = stream_sample(model, tok, ids, write_stdout, max_new_tokens, temperature, top_k, top_p,
+                                          num_samples)
+    end = time.perf_counter()
+    for i, new in enumerate(samples):
+        if i:  # the other samples were generated alongside the first, which streamed: print them whole
+            write_stdout("-" * 40 + "\n" + tok.decode(ids + [t for t in new if t != tok.eos_id]))
+        write_stdout("\n")
+    # tokens/s counts the tokens after the first step: before it come setup, CUDA graph capture and the prefill
+    n_tokens, total, warm_up = sum(map(len, samples)), end - t0, first_at - t0
+    batch = f", {num_samples} samples in one batch" if num_samples > 1 else ""
+    rate = (f": {(n_tokens - num_samples) / (end - first_at):.1f} tokens/s after the first step"
+            if n_tokens > num_samples else "")
+    print(f"{n_tokens} tokens in {total:.2f} s{batch}{rate} (warm-up to the first token: {warm_up:.2f} s)",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

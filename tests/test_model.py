@@ -117,6 +117,36 @@ def test_generation_past_max_seq_len_slides_the_window():
     assert torch.equal(fast, slow)
 
 
+def test_batched_generation_equals_one_row_at_a_time():
+    m = build(seed=5, max_seq_len=16)
+    prompts = torch.randint(0, 64, (3, 6))
+    batch = m.generate(prompts, 30, temperature=0)  # 30 > max_seq_len: every row's window slides
+    for row in range(3):
+        assert torch.equal(batch[row:row + 1], m.generate(prompts[row:row + 1], 30, temperature=0))
+    assert torch.equal(batch, m.generate(prompts, 30, temperature=0, use_cache=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_uncaptured():
+    m = build(seed=6, max_seq_len=16).cuda()
+    prompt = torch.randint(0, 64, (2, 5), device="cuda")
+    captured = m.generate(prompt, 40, temperature=0)  # past max_seq_len: the window slides, the graph replays on
+    assert torch.equal(captured, m.generate(prompt, 40, temperature=0, cuda_graph=False))
+    assert torch.equal(captured, m.generate(prompt, 40, temperature=0, use_cache=False))
+    with autocast_ctx("cuda", "bfloat16"):  # the step in bf16: captured and eager run the very same kernels
+        bf16 = m.generate(prompt, 40, temperature=0)
+        assert torch.equal(bf16, m.generate(prompt, 40, temperature=0, cuda_graph=False))
+    eos = int(captured[0, 8])
+    stopped = m.generate(prompt[:1], 40, temperature=0, eos_id=eos)
+    assert stopped[0, -1] == eos and stopped.shape[1] == (captured[0, 5:] == eos).nonzero()[0].item() + 6
+    # sampling runs inside the graph: top_k=1 is greedy, and top_k=3 draws only among the 3 likeliest
+    assert torch.equal(m.generate(prompt, 20, temperature=1.5, top_k=1), captured[:, :25])
+    sampled = m.generate(prompt, 11, temperature=2.0, top_k=3)  # within max_seq_len, to check by full forwards
+    for t in range(5, 16):
+        logits = m(sampled[:, :t])[:, -1]
+        assert (logits > logits.gather(1, sampled[:, t:t + 1])).sum(1).le(2).all()
+
+
 def test_eos_stops_generation():
     m = build(seed=4)
     prompt = torch.randint(0, 64, (1, 3))

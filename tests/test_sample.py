@@ -110,8 +110,8 @@ def one_line_error(capsys, argv, *fragments):
 
 def collect(m, tok, ids, **kw):
     pieces = []
-    new = sample.stream_sample(m, tok, ids, pieces.append, **kw)
-    return "".join(pieces), new
+    samples, _ = sample.stream_sample(m, tok, ids, pieces.append, **kw)
+    return "".join(pieces), samples[0]
 
 
 # -----------------------------------------------------------------------------
@@ -156,17 +156,19 @@ def test_top_k_and_top_p_stay_in_bounds(world):
             assert check(probs, seq[t]), (kw, t)
 
 
-def test_streaming_writes_each_token_as_it_is_sampled(world, monkeypatch):
+def test_streaming_writes_each_token_as_it_is_sampled(world):
     m, tok = world["model"], world["tok"]
-    forwards = []
-    plain_forward = m.forward
-    monkeypatch.setattr(m, "forward", lambda *a, **k: forwards.append(1) or plain_forward(*a, **k))
+    forwards = []  # every pass through the model, the prompt's prefill or one decode step, embeds its tokens once
+    hook = m.tok_embeddings.register_forward_hook(lambda *_: forwards.append(1))
     writes = []
     ids = sample.prompt_ids(tok, "Zoë saw a café", m.args.max_seq_len)
-    new = sample.stream_sample(m, tok, ids, lambda s: writes.append((len(forwards), s)), max_new_tokens=25,
-                               temperature=0)
+    try:
+        (new,), _ = sample.stream_sample(m, tok, ids, lambda s: writes.append((len(forwards), s)), max_new_tokens=25,
+                                         temperature=0)
+    finally:
+        hook.remove()
     assert writes[0] == (0, "Zoë saw a café")  # the prompt comes first, before any forward pass
-    # one write per sampled token, right after the forward pass that produced it
+    # one write per sampled token, right after the pass that produced it
     assert [n for n, _ in writes[1:len(new) + 1]] == list(range(1, len(new) + 1))
     assert "".join(s for _, s in writes) == tok.decode(ids + [t for t in new if t != tok.eos_id])
 
@@ -231,6 +233,34 @@ def test_samples_are_separated_and_seeded(world, capsys):
     assert len(samples) == 3 and all(s.startswith("Lily") for s in samples)
     run_main(argv[:-1] + ["--seed=8"])
     assert capsys.readouterr().out != first
+
+
+def test_num_samples_run_as_one_batch(world, capsys, monkeypatch):
+    batches = []
+    plain = Transformer.generate_stream
+    monkeypatch.setattr(Transformer, "generate_stream", lambda self, idx, *a, **k: batches.append(idx.shape[0]) or
+                        plain(self, idx, *a, **k))
+    run_main(["--ckpt", world["ckpt"], "--start=Tom saw", "--num_samples=4", "--max_new_tokens=12", "--temperature=0"])
+    out, err = capsys.readouterr()
+    assert batches == [4]  # one generation of four rows, not four generations
+    assert out.endswith("\n")
+    samples = out[:-1].split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 4 and len(set(samples)) == 1 and samples[0].startswith("Tom saw")  # greedy: all equal
+    run_main(["--ckpt", world["ckpt"], "--start=Tom saw", "--max_new_tokens=12", "--temperature=0"])
+    assert capsys.readouterr().out == samples[0] + "\n"  # a row of the batch is what it would be alone
+    assert "4 samples in one batch" in err and "tokens/s" in err and "warm-up" in err
+
+
+def test_batched_samples_end_at_their_own_eos(world):
+    m, tok = world["model"], world["tok"]
+    ids = sample.prompt_ids(tok, "Lily", m.args.max_seq_len)
+    torch.manual_seed(3)
+    samples, _ = sample.stream_sample(m, tok, ids, lambda s: None, max_new_tokens=40, temperature=1.0, num_samples=6)
+    assert len(samples) == 6 and len(set(map(tuple, samples))) > 1  # rows sample independently
+    assert any(s[-1] == tok.eos_id for s in samples) and len(set(map(len, samples))) > 1  # ended at different steps
+    for s in samples:
+        assert tok.eos_id not in s[:-1]  # nothing after a sample's own end of text (the batch's padding is dropped)
+        assert len(s) == 40 or s[-1] == tok.eos_id
 
 
 def test_long_prompt_is_cropped_with_a_warning(world, capsys):
