@@ -25,9 +25,10 @@ import sys
 
 import torch
 
-from configurator import configure
+from configurator import configure, fail  # setting errors: one line, exit code 2
 from model import DTYPES
-from sample import fail, load_model
+from preprocess import atomic_write
+from sample import load_model
 
 # -----------------------------------------------------------------------------
 ckpt = "output/ckpt.pt"  # a checkpoint written by train.py
@@ -248,16 +249,10 @@ def llama2c_tokenizer_bytes(tok):
 
 
 def write_file_atomic(path, chunks):
-    """Write the byte strings in chunks to path; on any failure an earlier file there stays as it was."""
+    """Write the byte strings in chunks to path through preprocess.atomic_write: on any failure an earlier file there
+    stays as it was, and no partial file is left."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines(chunks)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: f.writelines(chunks))
 
 
 # -----------------------------------------------------------------------------
@@ -277,6 +272,11 @@ def main():
         if path and os.path.isdir(path):
             fail(f"{flag} {path} is a directory; --format llama2c writes a file there, e.g. {flag} "
                  f"{os.path.join(path, 'model.bin' if flag == '--out' else 'tokenizer.bin')}")
+        if path and os.path.exists(path) and not os.path.isfile(path):
+            # a device, pipe or socket (or a symlink to one): never replaced by a file. A symlink to a regular
+            # file is written through to its target.
+            fail(f"{flag} {path} exists and is not a regular file; export.py writes only files: give "
+                 "another path")
     model, tok, _ = load_model(ckpt, tokenizer)
     if format == "hf":
         written = export_hf(model, tok, out, dtype)
@@ -295,4 +295,8 @@ def main():
 
 if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
-    main()
+    try:
+        main()
+    except OSError as e:  # a full disk, a read-only folder: every file is replaced only once it is complete
+        raise SystemExit(f"error: could not write {e.filename or out} ({e.strerror or e}); nothing there was "
+                         "replaced") from None
