@@ -440,7 +440,8 @@ def save_checkpoint(ckpt, path):
         atomic_write(path, lambda f: torch.save(ckpt, f))
     except OSError as e:
         raise SystemExit(f"error: could not write {path} ({e.strerror or e}); the previous checkpoint there, if any, "
-                         "is unchanged. Free some disk space (or fix the path) and run the same command again") from None
+                         "is unchanged. Free some disk space (or fix the path) and run the same command "
+                         "again") from None
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -15,7 +15,9 @@ Your own text: --input takes files, directories (searched recursively) and globs
   .jsonl  one object per line; the document is its --text_field (default: "text", else "story")
   .json   an array of such objects (the TinyStories shards) or of strings
 Without --input the single corpus under data/raw/ is used. Every verb is idempotent: run it again with the same
-inputs and it does nothing; change an input or setting and it redoes the work. `--help` after a verb lists its options.
+inputs and it does nothing; change an input or setting and it redoes the work, except that train_vocab replaces a
+tokenizer trained on other input only with --overwrite (shards and checkpoints depend on it).
+`--help` after a verb lists its options.
 """
 import argparse
 import collections
@@ -699,7 +701,7 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         print(f"{model_out} is up to date (vocab {vocab_size}, trained on {old.get('source')}); nothing to do")
         return model_out
     if os.path.exists(model_out) and not overwrite:
-        what = f"trained on {old['source']}" if old and old.get("source") else "not made by this command with these inputs"
+        what = f"trained on {old['source']}" if old and old.get("source") else "not made by train_vocab here"
         shards = _shards_made_with(model_out)
         deps = (f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it")
         raise DataError(f"{model_out} already exists ({what}); a new tokenizer there would orphan {deps} and every "

@@ -4,7 +4,6 @@ tokenization) and to llama2.c's model.bin/tokenizer.bin (read back by a reader w
 import importlib
 import json
 import os
-import signal
 import stat
 import struct
 import subprocess
@@ -17,6 +16,7 @@ import torch
 import export
 from configurator import configure
 from model import ModelArgs, Transformer, save_checkpoint
+from test_preprocess import limited_file_size
 from test_sample import make_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,6 +272,8 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(world, tmp_path, ca
 
 
 def test_out_that_is_not_a_regular_file_is_refused_and_a_symlink_written_through(world, tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
     fifo = tmp_path / "fifo"  # stands in for a device such as /dev/full: never to be replaced by a file
     os.mkfifo(fifo)
     for flag in ("--out", "--tokenizer-out"):
@@ -291,16 +293,10 @@ def test_out_that_is_not_a_regular_file_is_refused_and_a_symlink_written_through
 
 
 def test_full_disk_is_one_line_and_keeps_the_earlier_file(world, tmp_path):
-    resource = pytest.importorskip("resource")
     out = tmp_path / "model.bin"
     out.write_bytes(b"an earlier export")
-
-    def limit():  # writes beyond 20 kB fail (EFBIG), as on a full disk
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
-
     r = subprocess.run([sys.executable, "export.py", "--ckpt", world["ckpt"], "--format=llama2c", "--out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+                       cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=limited_file_size(20_000))
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: could not write {out} (File too large); nothing there was replaced")
     assert out.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["model.bin"]

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -467,7 +468,6 @@ def limited_file_size(limit):
     resource = pytest.importorskip("resource")
 
     def apply():
-        import signal
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return apply
