@@ -293,17 +293,19 @@ def _try_lock(f):
     lock when the process ends, however it ends (SIGKILL included), so a crashed run never leaves it stuck."""
     try:
         import fcntl
-    except ImportError:  # Windows: lock one byte far past the holder's note (locked bytes cannot be read there)
-        import msvcrt
-        os.lseek(f.fileno(), 1 << 20, os.SEEK_SET)
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
         try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             return False
         return True
+    import msvcrt  # Windows: lock one byte far past the holder's note (locked bytes cannot be read there)
+    os.lseek(f.fileno(), 1 << 20, os.SEEK_SET)
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
         return False
     return True
 
@@ -324,8 +326,9 @@ def claim_out_dir():
         fail(f"cannot write to --out_dir={out_dir} ({e.strerror or e}); give a directory you can write to")
     try:
         locked = _try_lock(f)
-    except OSError as e:  # a filesystem without locks: run unprotected rather than not at all
-        print(f"warning: cannot lock {out_dir} ({e.strerror or e}); make sure no other run uses it", file=sys.stderr)
+    except (OSError, ImportError) as e:  # no locks here (filesystem, platform): run unprotected, not at all
+        print(f"warning: cannot lock {out_dir} ({getattr(e, 'strerror', None) or e}); make sure no other run "
+              "uses it", file=sys.stderr)
         locked = True
     if not locked:
         f.seek(0)

@@ -394,6 +394,14 @@ def test_second_run_on_a_busy_out_dir_is_refused(data_dir, tmp_path):
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 2
 
 
+def test_no_file_locking_degrades_to_a_warning(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # neither POSIX nor Windows locks importable
+    monkeypatch.setitem(sys.modules, "msvcrt", None)
+    in_process_train(data_dir, tmp_path / "run", monkeypatch, max_iters=0)
+    assert "warning: cannot lock" in capsys.readouterr().err
+    assert metrics(tmp_path / "run")[0]["iter"] == 0
+
+
 def test_eval_iters_beyond_the_val_split_is_noted(data_dir, tmp_path):
     # 4 x 32 = 128 windows of 33 tokens: more than the val split's 99, far fewer than the train split's
     r = train_cli(data_dir, tmp_path / "run", max_iters=0, eval_iters=4, batch_size=32)
