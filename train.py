@@ -348,8 +348,13 @@ def claim_out_dir():
 
 
 def release_out_dir():
+    """Let the next run have out_dir (dying does the same, minus clearing the note)."""
     global _out_dir_lock
     if _out_dir_lock is not None:
+        try:
+            _out_dir_lock.truncate(0)
+        except OSError:
+            pass
         _out_dir_lock.close()
         _out_dir_lock = None
 
