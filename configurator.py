@@ -12,7 +12,8 @@ the type must match the default's (an int is accepted for a float; a bool only f
 The calling script does:
     from configurator import configure
     configure(globals(), sys.argv[1:])
-Mistakes end the program with one line naming the problem and the fix, exit code 2.
+Mistakes end the program with one line naming the problem and the fix, exit code 2; the scripts' own checks of
+setting values use the same fail() (train.py, sample.py, export.py, model.py's device and dtype choice).
 """
 
 import ast
@@ -28,9 +29,22 @@ def settings_of(g):
     return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)]
 
 
+class SettingError(SystemExit):
+    """A setting no run can use: exits with code 2 (as argparse does for a bad command line); str() is the line."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    """The one way tinyllm's scripts refuse a setting: `error: message` on stderr, exit code 2."""
+    line = f"error: {message}"
+    print(line, file=sys.stderr)
+    raise SettingError(line)
 
 
 def unknown(key, known, where):

@@ -30,12 +30,14 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 
 import torch
 
-from configurator import configure
+from configurator import configure, fail  # setting errors: one line, exit code 2
 from model import DTYPES
-from sample import fail, load_model
+from preprocess import atomic_write
+from sample import load_model
 
 # -----------------------------------------------------------------------------
 ckpt = "output/ckpt.pt"  # a checkpoint written by train.py
@@ -261,16 +263,10 @@ def llama2c_tokenizer_bytes(tok):
 
 
 def write_file_atomic(path, chunks):
-    """Write the byte strings in chunks to path; on any failure an earlier file there stays as it was."""
+    """Write the byte strings in chunks to path through preprocess.atomic_write: on any failure an earlier file there
+    stays as it was, and no partial file is left."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines(chunks)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: f.writelines(chunks))
 
 
 # -----------------------------------------------------------------------------
@@ -326,7 +322,10 @@ def export_gguf(model, tok, path, dtype_name):
     qtype_name, file_type_name = GGUF_DTYPES[dtype_name]
     qtype = gguf.GGMLQuantizationType[qtype_name]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"  # written beside the target, then renamed: an earlier file survives a failure
+    # GGUFWriter wants a path of its own: it writes a scratch file, which then goes into place through the one
+    # atomic writer (an earlier file survives a failure; a symlink is written through)
+    scratch = tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.realpath(path)) or ".", prefix=".gguf")
+    tmp = os.path.join(scratch.name, "model.gguf")
     w = gguf.GGUFWriter(tmp, "llama")
     try:
         w.add_name("tinyllm")
@@ -368,11 +367,11 @@ def export_gguf(model, tok, path, dtype_name):
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
+        with open(tmp, "rb") as src:
+            atomic_write(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
     finally:
         w.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        scratch.cleanup()
     return qtype.name.lower()
 
 
@@ -398,6 +397,11 @@ def main():
             name = "tokenizer.bin" if flag == "--tokenizer-out" else "model.gguf" if format == "gguf" else "model.bin"
             fail(f"{flag} {path} is a directory; --format {format} writes a file there, e.g. {flag} "
                  f"{os.path.join(path, name)}")
+        if path and os.path.exists(path) and not os.path.isfile(path):
+            # a device, pipe or socket (or a symlink to one): never replaced by a file. A symlink to a regular
+            # file is written through to its target.
+            fail(f"{flag} {path} exists and is not a regular file; export.py writes only files: give "
+                 "another path")
     model, tok, _ = load_model(ckpt, tokenizer)
     if format == "hf":
         written = export_hf(model, tok, out, dtype)
@@ -421,4 +425,8 @@ def main():
 
 if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
-    main()
+    try:
+        main()
+    except OSError as e:  # a full disk, a read-only folder: every file is replaced only once it is complete
+        raise SystemExit(f"error: could not write {e.filename or out} ({e.strerror or e}); nothing there was "
+                         "replaced") from None

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from typing import Optional
@@ -22,6 +23,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from configurator import fail
+from preprocess import atomic_write
 
 
 @dataclass
@@ -653,12 +657,11 @@ def pick_device(device="auto"):
         return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
     kind = device.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: device '{device}' asked for, but PyTorch sees no CUDA GPU; "
-                         "use --device=cpu or --device=auto")
+        fail(f"device '{device}' asked for, but PyTorch sees no CUDA GPU; use --device=cpu or --device=auto")
     if kind == "mps" and not mps_ok:
-        raise SystemExit(f"error: device '{device}' asked for, but MPS is not available; use --device=auto")
+        fail(f"device '{device}' asked for, but MPS is not available; use --device=auto")
     if kind not in ("cuda", "mps", "cpu"):
-        raise SystemExit(f"error: unknown device '{device}'; choose auto, cpu, cuda, cuda:N or mps")
+        fail(f"unknown device '{device}'; choose auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -669,9 +672,9 @@ def pick_dtype(dtype, device):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return "float32"
     if dtype not in DTYPES:
-        raise SystemExit(f"error: unknown dtype '{dtype}'; choose auto, float32, bfloat16 or float16")
+        fail(f"unknown dtype '{dtype}'; choose auto, float32, bfloat16 or float16")
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise SystemExit("error: this GPU does not support bfloat16; use --dtype=float16 (or auto)")
+        fail("this GPU does not support bfloat16; use --dtype=float16 (or auto)")
     return dtype
 
 
@@ -686,22 +689,14 @@ def autocast_ctx(device, dtype):
 # checkpoints: one format for train.py (writes), sample.py and export.py (read)
 
 def save_checkpoint(ckpt, path):
-    """Write atomically: a crash mid-write leaves the previous checkpoint as it was."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable (POSIX; Windows cannot open a directory for this)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
+    """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was (and no partial
+    file behind); a failure is a one-line error."""
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        atomic_write(path, lambda f: torch.save(ckpt, f))
+    except OSError as e:
+        raise SystemExit(f"error: could not write {path} ({e.strerror or e}); the previous checkpoint there, if any, "
+                         "is unchanged. Free some disk space (or fix the path) and run the same command "
+                         "again") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -710,6 +705,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py configs/tiny.py` "
                          "or pass the right --ckpt")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; random or cut-off bytes are not one
+        raise SystemExit(f"error: {path} is truncated or not a PyTorch checkpoint (not the zip archive torch.save "
+                         "writes); re-run training or pick another checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:

@@ -15,10 +15,13 @@ Your own text: --input takes files, directories (searched recursively) and globs
   .jsonl  one object per line; the document is its --text_field (default: "text", else "story")
   .json   an array of such objects (the TinyStories shards) or of strings
 Without --input the single corpus under data/raw/ is used. Every verb is idempotent: run it again with the same
-inputs and it does nothing; change an input or setting and it redoes the work. `--help` after a verb lists its options.
+inputs and it does nothing; change an input or setting and it redoes the work, except that train_vocab replaces a
+tokenizer trained on other input only with --overwrite (shards and checkpoints depend on it).
+`--help` after a verb lists its options.
 """
 import argparse
 import collections
+import errno
 import glob
 import hashlib
 import http.client
@@ -28,6 +31,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -95,12 +99,76 @@ def _stable_fraction(data: bytes) -> float:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") / 2.0**64
 
 
+class _WriteRecorder:
+    """A file that remembers why a write failed: serializers report a full disk as something else (torch.save as
+    "unexpected pos"), so atomic_write raises the real OSError instead."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def writelines(self, chunks):
+        for chunk in chunks:
+            self.write(chunk)
+
+    def __getattr__(self, name):  # everything else (flush, tell, seek, fileno, ...) is the real file's
+        return getattr(self._f, name)
+
+
+def atomic_write(path, content):
+    """Replace the file at path all at once: a reader, a crash or a power cut sees the old contents or the new, never
+    a part. content is bytes, or a function that writes to the binary file it is given.
+
+    The data goes to path + ".tmp" beside the target, is flushed and fsynced, renamed over path, and the directory
+    is fsynced so the rename itself is durable. On any failure (a full disk, Ctrl-C) the .tmp file is removed and
+    path keeps its old contents; a failed write raises its OSError whatever the serializer made of it. A symlink at
+    path is written through (its target gets the new contents); anything else that is not a regular file (a
+    directory, a device) is refused with FileExistsError and left alone.
+
+    tinyllm's one writer of files that must never be torn: checkpoints, tokenizers, meta.json, exports, the loss
+    plot. It lives here because preprocess.py must stay free of torch (its worker processes) and every script that
+    writes files already imports it.
+    """
+    target = os.path.realpath(path)
+    if os.path.lexists(target) and not os.path.isfile(target):
+        raise FileExistsError(errno.EEXIST, "exists and is not a regular file; refusing to replace it", str(path))
+    tmp = target + ".tmp"
+    f = _WriteRecorder(open(tmp, "wb"))
+    try:
+        with f._f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if f.error is not None and isinstance(e, Exception) and not isinstance(e, OSError):
+            raise f.error from None
+        raise
+    try:  # make the rename durable (POSIX; Windows cannot open a directory for this)
+        dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _read_json(path):
@@ -607,9 +675,19 @@ def _sentencepiece_error(e, vocab_size, sample_desc):
     return f"sentencepiece failed: {msg.splitlines()[0] if msg else type(e).__name__}"
 
 
-def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_threads=None):
+def _shards_made_with(model_path):
+    """The shard folders beside a tokenizer (tok*/ in its folder) whose meta.json says they were made with it."""
+    sha = _sha256_file(model_path)
+    root = os.path.dirname(model_path) or "."
+    return [os.path.join(root, d) for d in sorted(os.listdir(root))
+            if d.startswith("tok") and (_read_json(os.path.join(root, d, "meta.json")) or {}).get("tokenizer_sha256")
+            == sha]
+
+
+def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_threads=None, overwrite=False):
     """Train a sentencepiece BPE tokenizer (llama2.c's settings) on a bounded sample of the corpus; returns model_out.
-    Skips the work when model_out was already trained on this corpus with these settings."""
+    Skips the work when model_out was already trained on this corpus with these settings, and refuses to replace
+    another tokenizer there (its shards and checkpoints depend on it) unless overwrite is set."""
     if vocab_size < 260:
         raise DataError(f"--vocab_size={vocab_size} is too small: 3 special tokens, 256 byte pieces and the corpus' "
                         "characters need at least 260")
@@ -622,6 +700,14 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
             and old.get("model_sha256") == _sha256_file(model_out)):
         print(f"{model_out} is up to date (vocab {vocab_size}, trained on {old.get('source')}); nothing to do")
         return model_out
+    if os.path.exists(model_out) and not overwrite:
+        what = f"trained on {old['source']}" if old and old.get("source") else "not made by train_vocab here"
+        shards = _shards_made_with(model_out)
+        deps = (f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it")
+        raise DataError(f"{model_out} already exists ({what}); a new tokenizer there would orphan {deps} and every "
+                        "checkpoint trained on them (they could not resume on re-made shards). Write it elsewhere "
+                        "(another --data_dir or --model_out), or pass --overwrite to replace it (then pretokenize "
+                        "again)")
 
     # A bounded sample, chosen by a hash of each document so it spreads evenly over the corpus and is the same every
     # run; it stays in memory (sample_bytes at most) and reaches sentencepiece through sentence_iterator, which lets
@@ -658,17 +744,16 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
     tok = Tokenizer.from_bytes(model.getvalue())
 
     os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
-    tmp = f"{model_out}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(tok.model_bytes)
-    os.replace(tmp, model_out)
+    atomic_write(model_out, tok.model_bytes)
     vocab_path = (model_out[:-6] if model_out.endswith(".model") else model_out) + ".vocab"
     # a human-readable list of pieces; newlines/tabs escaped to keep one piece per line
-    with open(vocab_path, "w", encoding="utf-8") as f:
-        for i in range(tok.vocab_size):
-            piece = tok.sp.id_to_piece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-            f.write(f"{piece}\t{tok.sp.get_score(i):g}\n")
-    _write_json_atomic(sidecar_path, {**settings, "source": corpus.description(), "sample_documents": n_docs,
+    lines = []
+    for i in range(tok.vocab_size):
+        piece = tok.sp.id_to_piece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+        lines.append(f"{piece}\t{tok.sp.get_score(i):g}\n")
+    atomic_write(vocab_path, "".join(lines).encode("utf-8"))
+    _write_json_atomic(sidecar_path, {**settings, "source": corpus.description(), "inputs": corpus.inputs,
+                                      "sample_documents": n_docs,
                                       "sample_chars": sample_chars, "model_sha256": tok.sha256})
     print(f"wrote {model_out} ({tok.vocab_size} pieces, {time.time() - t0:.1f} s) and {vocab_path}")
     return model_out
@@ -836,11 +921,25 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
         flush(pending)
         splits = {s: writers[s].close() for s in SPLITS}
         if splits["train"]["documents"] == 0:
-            raise DataError(f"{corpus.description()} has too few documents for a train and a val split "
-                            f"(--val_fraction={val_fraction}); add text or lower --val_fraction")
+            n_docs = splits["val"]["documents"]
+            if n_docs > 1:  # every document hashed into val
+                raise DataError(f"all {n_docs} documents of {corpus.description()} went to the val split: lower "
+                                f"--val_fraction (now {val_fraction}) or add text")
+            txt = any(not f.endswith((".jsonl", ".json")) for f in corpus.files) and not corpus.doc_per_file
+            hint = (f", or split it: .txt paragraphs are grouped into documents of at least --min_doc_chars="
+                    f"{corpus.min_doc_chars} characters, and a smaller value (0: one document per paragraph) makes "
+                    "more of them" if txt and corpus.min_doc_chars > 0 else "")
+            raise DataError(f"{corpus.description()} is a single document: too few documents for a train and a "
+                            f"val split; add text{hint}")
         meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                "tokenizer": str(tokenizer_path), "source": corpus.description(), **settings, "splits": splits}
+                "tokenizer": str(tokenizer_path), "source": corpus.description(), "inputs": corpus.inputs,
+                **settings, "splits": splits}
         _write_json_atomic(os.path.join(partial, "meta.json"), meta)
+    except OSError as e:  # a full disk: one line, and the partial shards must not keep it full
+        shutil.rmtree(partial, ignore_errors=True)
+        full = e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise DataError(f"{e.filename or partial}: {e.strerror or e}; {shard_dir} was left as it was: "
+                        f"{'free some disk space' if full else 'fix that'} and run the same command again") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -868,8 +967,20 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
 # batches for training
 
 
-def _make_command(data_dir, vocab_size):
+def _make_command(data_dir, vocab_size, inputs=None):
+    """The preprocess.py command(s) that make data_dir/tok{vocab_size}/, with the --input the data came from (as
+    meta.json or the tokenizer's sidecar recorded it) unless it is the default, the one corpus under data_dir/raw/."""
     flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else f" --data_dir={data_dir}")
+    sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json")) or {}
+    inputs = inputs or sidecar.get("inputs")
+    try:
+        default = default_inputs(data_dir)
+    except DataError:
+        default = None
+    if inputs and [os.path.normpath(i) for i in inputs] != [os.path.normpath(i) for i in default or []]:
+        flag += " --input " + shlex.join(inputs)
+    elif not inputs and default is None:
+        flag += " --input YOUR_TEXT_FILES"
     steps = [] if os.path.exists(os.path.join(data_dir, f"tok{vocab_size}.model")) else [f"train_vocab {flag}"]
     return " && ".join(f"python preprocess.py {s}" for s in steps + [f"pretokenize {flag}"])
 
@@ -915,7 +1026,7 @@ class BatchStream:
 
         self.shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
         meta = load_meta(self.shard_dir)
-        fix = f"run `{_make_command(data_dir, vocab_size)}`"
+        fix = f"run `{_make_command(data_dir, vocab_size, meta.get('inputs'))}`"
         if meta["vocab_size"] != vocab_size:
             raise SystemExit(f"{self.shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
                              f"vocab_size={vocab_size}: {fix}")
@@ -944,6 +1055,7 @@ class BatchStream:
             raise SystemExit(f"the {split} shards in {self.shard_dir} are shorter than max_seq_len+1={window} tokens "
                              f"(longest: {longest}): use a smaller max_seq_len or more text")
         per_rank = sum((n // window) // self.world_size for _, n in self.shards)
+        self.windows_per_epoch = per_rank  # windows this rank reads in one pass over the split
         if per_rank == 0:
             raise SystemExit(f"the {split} split has fewer windows of {window} tokens than world_size="
                              f"{self.world_size} ranks: use a smaller max_seq_len, fewer ranks or more text")
@@ -1074,7 +1186,7 @@ def _cmd_download(args):
 def _cmd_train_vocab(args):
     model_out = args.model_out or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
     train_vocab(args.vocab_size, _corpus_from_args(args), model_out, sample_bytes=args.sample_bytes,
-                num_threads=args.num_threads)
+                num_threads=args.num_threads, overwrite=args.overwrite)
 
 
 def _cmd_pretokenize(args):
@@ -1133,6 +1245,9 @@ def build_parser():
     t.add_argument("--sample_bytes", type=int, default=SAMPLE_BYTES,
                    help="train on at most this much text (%(default)s)")
     t.add_argument("--num_threads", type=int, default=None, help="sentencepiece threads (default: all CPUs)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing tokenizer that was trained on other input (its shards and the "
+                        "checkpoints trained on them no longer match it)")
     t.set_defaults(func=_cmd_train_vocab)
 
     k = verbs.add_parser("pretokenize", parents=[common, reading], help="tokenize the corpus into shards",

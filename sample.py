@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from configurator import configure
+from configurator import configure, fail as setting_error  # exit code 2
 from model import Transformer, autocast_ctx, load_checkpoint, pick_device, pick_dtype
 from preprocess import Tokenizer
 
@@ -150,13 +150,13 @@ def write_stdout(text):
 
 def main():
     if num_samples < 1 or max_new_tokens < 1:
-        fail("--num_samples and --max_new_tokens must be >= 1")
+        setting_error("--num_samples and --max_new_tokens must be >= 1")
     if temperature < 0:
-        fail(f"--temperature must be >= 0 (0 is greedy), not {temperature}")
+        setting_error(f"--temperature must be >= 0 (0 is greedy), not {temperature}")
     if top_k < 0:
-        fail(f"--top_k must be >= 0 (0 turns it off), not {top_k}")
+        setting_error(f"--top_k must be >= 0 (0 turns it off), not {top_k}")
     if not 0.0 < top_p <= 1.0:
-        fail(f"--top_p must be in (0, 1] (1.0 turns it off), not {top_p}")
+        setting_error(f"--top_p must be in (0, 1] (1.0 turns it off), not {top_p}")
     text = read_prompt(start)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)

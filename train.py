@@ -15,7 +15,9 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,10 +29,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, settings_of
+from configurator import configure, fail, settings_of
 from model import (ModelArgs, Muon, Transformer, adamw, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
                    pick_dtype, save_checkpoint)
-from preprocess import Task, Tokenizer, load_meta
+from preprocess import Task, Tokenizer, atomic_write, load_meta
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -127,7 +129,7 @@ def load_optimizer_states(optimizers, states, path):
     """Moments and step counts from the checkpoint; lr, betas and weight decay from this run's settings."""
     if len(states) != len(optimizers):
         raise SystemExit(f"error: {path} holds the state of another optimizer; resume with the optimizer it was "
-                         "trained with, or use --init_from=scratch")
+                         f"trained with, or {FRESH_START_CHOICES}")
     for opt, state in zip(optimizers, states):
         # Muon's Newton-Schulz precision (ns_dtype) belongs to the run, like its moments: keep the checkpoint's
         settings = [{k: v for k, v in group.items() if k not in ("params", "ns_dtype")} for group in opt.param_groups]
@@ -135,7 +137,7 @@ def load_optimizer_states(optimizers, states, path):
             opt.load_state_dict(state)
         except ValueError as e:
             raise SystemExit(f"error: {path} holds the state of another optimizer ({e}); resume with the optimizer "
-                             "it was trained with, or use --init_from=scratch") from None
+                             f"it was trained with, or {FRESH_START_CHOICES}") from None
         for group, setting in zip(opt.param_groups, settings):
             group.update(setting)
 
@@ -237,9 +239,13 @@ def plot_losses(history, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    try:
+        atomic_write(path, png.getvalue())
+    except OSError as e:  # a plot is not worth stopping a run for (a full disk stops it at the checkpoint)
+        print(f"warning: could not write {path} ({e.strerror or e})", file=sys.stderr)
 
 
 class Budget:
@@ -311,24 +317,139 @@ class StopRequest:
         print(f"\n{self.signal} received: finishing this step, then saving a checkpoint", flush=True)
 
 
+def model_args_from_settings():
+    return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                     multiple_of=multiple_of, max_seq_len=max_seq_len, dropout=dropout, rope_theta=rope_theta)
+
+
 def check_settings():
-    """One-line errors for settings no run can use (before anything is loaded or written)."""
+    """One-line errors, exit code 2, for settings no run can use: before anything is prepared, loaded or written."""
     for name in ("batch_size", "max_seq_len", "vocab_size", "gradient_accumulation_steps", "eval_interval",
                  "eval_iters", "log_interval", "max_bad_steps"):
         if globals()[name] < 1:
-            raise SystemExit(f"error: --{name} must be >= 1, not {globals()[name]}")
+            fail(f"--{name} must be >= 1, not {globals()[name]}")
     if max_iters < 0 or learning_rate <= 0 or muon_lr <= 0 or min_lr < 0 or warmup_iters < 0:
-        raise SystemExit("error: max_iters, warmup_iters and min_lr must be >= 0, learning_rate and muon_lr > 0")
+        fail("max_iters, warmup_iters and min_lr must be >= 0, learning_rate and muon_lr > 0")
+    if seed < 0:
+        fail(f"--seed must be >= 0, not {seed}")
     if max_train_seconds < 0:
-        raise SystemExit(f"error: --max_train_seconds must be >= 0 (0: no budget), not {max_train_seconds}")
+        fail(f"--max_train_seconds must be >= 0 (0: no budget), not {max_train_seconds}")
     if compile is not None and not isinstance(compile, bool):
-        raise SystemExit(f"error: --compile must be True, False or None (on for CUDA only), not {compile!r}")
+        fail(f"--compile must be True, False or None (on for CUDA only), not {compile!r}")
     if lr_schedule not in ("cosine", "wsd", "constant"):
-        raise SystemExit(f"error: unknown lr_schedule '{lr_schedule}'; choose cosine, wsd or constant")
+        fail(f"unknown lr_schedule '{lr_schedule}'; choose cosine, wsd or constant")
     if optimizer not in ("adamw", "muon"):
-        raise SystemExit(f"error: unknown optimizer '{optimizer}'; choose adamw or muon")
+        fail(f"unknown optimizer '{optimizer}'; choose adamw or muon")
     if init_from not in ("scratch", "resume", "auto"):
-        raise SystemExit(f"error: unknown init_from '{init_from}'; choose scratch, resume or auto")
+        fail(f"unknown init_from '{init_from}'; choose scratch, resume or auto")
+    try:
+        model_args_from_settings()
+    except ValueError as e:  # e.g. dim not divisible by n_heads
+        fail(str(e))
+    if not out_dir.strip():
+        fail("--out_dir is empty; name the directory for checkpoints and metrics, e.g. --out_dir=output")
+    if wandb_log:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--wandb_log=True needs wandb: `pip install wandb`, or leave --wandb_log=False")
+
+
+# ---- out_dir: one run at a time, and a fresh start never destroys an earlier run
+
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "loss.png")
+FRESH_START_CHOICES = ("train into another --out_dir, or start afresh here with --init_from=scratch (which first moves "
+                       "this run into a run-<time> folder inside out_dir)")
+_out_dir_lock = None  # the open out_dir/.lock of this process's run
+
+
+def _try_lock(f):
+    """Lock the open file f for this process: True, or False when another process holds it. The kernel drops the
+    lock when the process ends, however it ends (SIGKILL included), so a crashed run never leaves it stuck."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    import msvcrt  # Windows: lock one byte far past the holder's note (locked bytes cannot be read there)
+    os.lseek(f.fileno(), 1 << 20, os.SEEK_SET)
+    try:
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
+
+
+def claim_out_dir():
+    """Create out_dir and hold its lock for as long as this process runs (rank 0 only), or a one-line error: exit
+    code 2 when out_dir cannot be written, 1 when another run is using it."""
+    global _out_dir_lock
+    if _out_dir_lock is not None:  # an earlier train() in this process is over
+        _out_dir_lock.close()
+        _out_dir_lock = None
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out_dir={out_dir} exists and is not a directory; give another --out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+", encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot write to --out_dir={out_dir} ({e.strerror or e}); give a directory you can write to")
+    try:
+        locked = _try_lock(f)
+    except (OSError, ImportError) as e:  # no locks here (filesystem, platform): run unprotected, not at all
+        print(f"warning: cannot lock {out_dir} ({getattr(e, 'strerror', None) or e}); make sure no other run "
+              "uses it", file=sys.stderr)
+        locked = True
+    if not locked:
+        f.seek(0)
+        holder = f.read().strip() or "another process (starting up)"
+        f.close()
+        raise SystemExit(f"error: {out_dir} is in use by {holder}; wait for that run to finish or stop it, or use "
+                         "another --out_dir")
+    try:  # who holds it, for the message a second run prints
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"`python {shlex.join(sys.argv)}`\n")
+        f.flush()
+    except OSError:  # a full disk: the lock holds all the same
+        pass
+    _out_dir_lock = f
+
+
+def release_out_dir():
+    """Let the next run have out_dir (dying does the same, minus clearing the note)."""
+    global _out_dir_lock
+    if _out_dir_lock is not None:
+        try:
+            _out_dir_lock.truncate(0)
+        except OSError:
+            pass
+        _out_dir_lock.close()
+        _out_dir_lock = None
+
+
+def move_old_run_aside():
+    """Before a fresh start: move the files of the run already in out_dir (if any) into out_dir/run-<time of its
+    last write>/, so nothing of it is lost. Returns that folder, or None."""
+    found = [n for n in RUN_FILES if os.path.lexists(os.path.join(out_dir, n))]
+    if not found:
+        return None
+    last = max(os.lstat(os.path.join(out_dir, n)).st_mtime for n in found)
+    base = os.path.join(out_dir, "run-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(last)))
+    dest, n = base, 1
+    while os.path.lexists(dest):
+        dest, n = f"{base}-{n}", n + 1
+    os.makedirs(dest)
+    for name in found:
+        os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+    print(f"starting afresh: the earlier run in {out_dir} ({', '.join(found)}) was moved to {dest}/")
+    return dest
 
 
 def train():
@@ -350,9 +471,9 @@ def train():
     device_type = dev.split(":")[0]
     ptdtype = pick_dtype(dtype, dev)
     if gradient_accumulation_steps % world_size:
-        raise SystemExit(f"error: gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible "
-                         f"by the number of processes ({world_size}); e.g. --gradient_accumulation_steps="
-                         f"{world_size * max(1, gradient_accumulation_steps // world_size)}")
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of "
+             f"processes ({world_size}); e.g. --gradient_accumulation_steps="
+             f"{world_size * max(1, gradient_accumulation_steps // world_size)}")
     if ddp:
         if device_type == "cuda":
             dist.init_process_group(backend="nccl", device_id=torch.device(dev))
@@ -360,8 +481,11 @@ def train():
             dist.init_process_group(backend="gloo")
     accum = gradient_accumulation_steps // world_size
     tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if init_from == "resume" and not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=auto or scratch")
     if master:
-        os.makedirs(out_dir, exist_ok=True)
+        claim_out_dir()  # before any work: a second run on this out_dir stops here
     torch.manual_seed(seed + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -381,12 +505,7 @@ def train():
                                  state=state, tokenizer_sha256=tokenizer.sha256)
 
     # ---- model and optimizer, fresh or from out_dir/ckpt.pt
-    model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                           vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
-                           dropout=dropout, rope_theta=rope_theta)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if init_from == "resume" and not os.path.exists(ckpt_path):
-        raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=scratch")
+    model_args = model_args_from_settings()
     resuming = init_from == "resume" or (init_from == "auto" and os.path.exists(ckpt_path))
     ckpt = load_checkpoint(ckpt_path) if resuming else None  # on the CPU; load_state_dict moves to the device
     if ckpt is not None:
@@ -394,12 +513,12 @@ def train():
                    if getattr(model_args, k, None) != v}
         if differs:
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differs.items())
-            raise SystemExit(f"error: {ckpt_path} was trained with another model shape ({detail}); use the "
-                             f"same settings, another --out_dir, or --init_from=scratch")
+            raise SystemExit(f"error: {ckpt_path} was trained with another model shape ({detail}); resume with "
+                             f"the settings it was trained with, or {FRESH_START_CHOICES}")
         if bytes(ckpt["tokenizer"]) != tokenizer.model_bytes:
             raise SystemExit(f"error: {ckpt_path} was trained with another tokenizer than {tokenizer.path} (same "
-                             "vocab_size, different pieces); resume with the data it was trained on, or use another "
-                             "--out_dir")
+                             f"vocab_size, different pieces); resume with the data it was trained on, or "
+                             f"{FRESH_START_CHOICES}")
     model = Transformer.from_checkpoint(ckpt, ckpt_path) if ckpt is not None else Transformer(model_args)
     model.to(dev)
     optimizers = build_optimizers(model, device_type)
@@ -422,9 +541,21 @@ def train():
             set_rng_state(ckpt["rng"])  # exact continuation (dropout masks included)
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
+            if iter_num >= max_iters and not eval_only:
+                print(f"note: {ckpt_path} is already at iteration {iter_num} and max_iters is {max_iters}: nothing "
+                      f"to train. Raise --max_iters to train further, e.g. --max_iters={2 * iter_num}",
+                      file=sys.stderr)
     del ckpt
     resume_iter = iter_num
     resumed_at = iter_num if resuming else None
+    if master:
+        for split in ("train", "val"):  # evaluation reads eval_iters batches of each split
+            windows, wanted = batches(split).windows_per_epoch, eval_iters * batch_size
+            if wanted > windows:
+                print(f"note: an evaluation reads eval_iters x batch_size = {wanted} windows of {max_seq_len + 1} "
+                      f"tokens, but the {split} split holds only {windows}" + (" per process" if ddp else "") +
+                      f": some are counted more than once. --eval_iters={max(1, windows // batch_size)} reads each "
+                      "at most once", file=sys.stderr)
 
     raw_model = model
     use_compile = compile if compile is not None else device_type == "cuda"
@@ -479,8 +610,14 @@ def train():
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     history = metrics_history(metrics_path, resume_iter) if master and resuming else []
     if master:
-        with open(metrics_path, "w") as f:  # drop what a cut-off run logged after its last checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in history)
+        try:
+            if not resuming:
+                move_old_run_aside()  # nothing of an earlier run is lost or mixed into this one
+            # a resumed run drops what a cut-off run logged after its last checkpoint
+            atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+        except OSError as e:
+            raise SystemExit(f"error: cannot write in {out_dir} ({e.strerror or e}); free some disk space or fix "
+                             "the folder, then run the same command again") from None
 
     def record(entry):
         history.append(entry)
@@ -637,6 +774,7 @@ def train():
     if ddp:
         dist.barrier()  # tear down together: gloo aborts a process whose peer has already closed its connections
         dist.destroy_process_group()
+    release_out_dir()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ installed) and to llama2.c's model.bin/tokenizer.bin (read back by a reader writ
 import importlib
 import itertools
 import json
+import os
+import stat
 import struct
+import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +19,10 @@ import export
 import sample
 from configurator import configure
 from model import ModelArgs, Transformer, save_checkpoint
+from test_preprocess import limited_file_size
 from test_sample import make_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEXTS = ["Lily saw a red ball in the park. Tom was happy.", "Zoë saw a café 🌟 and a naïve cat!",
          "two  spaces\n\nnew lines, digits 12345 and\ttabs ", "unseen: 日本語 🙂 ß → ∑", "", "a"]
@@ -139,7 +145,8 @@ def test_missing_extras_say_how_to_install(world, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: importing it fails
     with pytest.raises(SystemExit) as e:
         export_hf(world["ckpt"], tmp_path / "hf")
-    assert "pip install -r requirements-export.txt" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert e.value.code == 2  # a setting error, as the configurator's
+    assert "pip install -r requirements-export.txt" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "hf").exists()
 
 
@@ -216,7 +223,7 @@ def test_gguf_missing_package_says_how_to_install(world, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: importing it fails
     with pytest.raises(SystemExit) as e:
         export_gguf(world["ckpt"], tmp_path / "m.gguf")
-    assert "pip install -r requirements-export.txt" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert "pip install -r requirements-export.txt" in str(e.value) and "\n" not in str(e.value)
     assert not list(tmp_path.iterdir())
 
 
@@ -402,6 +409,39 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(world, tmp_path, ca
     for argv, fragment in cases:
         with pytest.raises(SystemExit) as e:
             run_main(["--ckpt", world["ckpt"], *argv])
-        message = str(e.value.code)
+        message = str(e.value)
+        code = e.value.code if isinstance(e.value.code, int) else 1  # SystemExit("message") exits with 1
+        assert code == (1 if "missing.pt" in " ".join(argv) else 2), (argv, code)  # settings: 2, files: 1
         assert message.startswith("error: ") and "\n" not in message and fragment in message, (argv, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.txt"] and a_file.read_text() == "keep me"
+
+
+def test_out_that_is_not_a_regular_file_is_refused_and_a_symlink_written_through(world, tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    fifo = tmp_path / "fifo"  # stands in for a device such as /dev/full: never to be replaced by a file
+    os.mkfifo(fifo)
+    for flag in ("--out", "--tokenizer-out"):
+        argv = ["--out", str(tmp_path / "m.bin"), flag, str(fifo)]
+        with pytest.raises(SystemExit) as e:
+            run_main(["--ckpt", world["ckpt"], "--format=llama2c", *argv])
+        assert e.value.code == 2 and f"{flag} {fifo} exists and is not a regular file" in str(e.value)
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    target = tmp_path / "models" / "model.bin"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    run_main(["--ckpt", world["ckpt"], "--format=llama2c", "--out", str(link)])
+    assert link.is_symlink() and read_llama2c(target)[0]["dim"] == world["model"].args.dim
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.bin"]
+
+
+def test_full_disk_is_one_line_and_keeps_the_earlier_file(world, tmp_path):
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"an earlier export")
+    r = subprocess.run([sys.executable, "export.py", "--ckpt", world["ckpt"], "--format=llama2c", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=limited_file_size(20_000))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: could not write {out} (File too large); nothing there was replaced")
+    assert out.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["model.bin"]

