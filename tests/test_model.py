@@ -277,3 +277,33 @@ def test_missing_key_refused():
     del state["model"]["norm.weight"]
     with pytest.raises(SystemExit, match="norm.weight"):
         Transformer.from_checkpoint(state)
+
+
+def test_chunked_lm_head_loss_and_gradients_equal_the_full_logits():
+    m = build()
+    x = torch.randint(0, 64, (3, 20))
+    y = torch.randint(0, 64, (3, 20))
+    y[1, :7] = -1  # ignored positions count for nothing
+    m(x, y)
+    m.last_loss.backward()
+    full = [p.grad.clone() for p in m.parameters()]
+    loss = m.last_loss.detach()
+    m.zero_grad()
+    assert m(x, y, return_logits=False) is None
+    (m.last_loss * 3).backward()  # the incoming gradient (1/accumulation, a loss scale) scales every gradient
+    assert torch.allclose(m.last_loss, loss, atol=1e-6)
+    for a, p in zip(full, m.parameters()):
+        assert torch.allclose(3 * a, p.grad, atol=1e-6)
+    # several chunks, and the no-grad (evaluation) path
+    h = torch.randn(2, 37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (2, 37))
+    ref = F.cross_entropy((h @ w.t()).view(-1, 50), t.view(-1))
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = model_module.linear_cross_entropy(h, w, t, chunk_elements=600)  # 5 chunks of 15 rows
+    out.backward()
+    assert torch.allclose(out, ref) and torch.allclose(h.grad, gh, atol=1e-6) and torch.allclose(w.grad, gw, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(model_module.linear_cross_entropy(h, w, t, chunk_elements=600), ref)
