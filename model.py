@@ -14,6 +14,7 @@ Below the model live the few helpers every script shares: device/dtype selection
 import math
 import os
 import pickle
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from typing import Optional
@@ -117,8 +118,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         grouped = self.n_kv_heads != self.n_heads
+        pad = 0
         if cache is None:
             is_causal = True
+            # CUDA's fast attention kernels (cuDNN, memory-efficient) need a head size divisible by 8: zero
+            # columns added to q, k and v change no dot product, and the output's extra columns are dropped
+            # (at dim 288 with 8 heads, size 36 -> 40 takes cuDNN instead of a slower flash path)
+            pad = -self.head_dim % 8 if x.is_cuda else 0
+            if pad:
+                q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         else:
             # generation: store this step's keys/values and attend over everything cached so far
             k_cache, v_cache = cache
@@ -130,9 +138,11 @@ class Attention(nn.Module):
             is_causal = T > 1
         # each group of n_heads // n_kv_heads query heads shares one key/value head: SDPA reads them in place
         # (enable_gqa; the flash kernels on CPU and CUDA take it), no repeat_interleave copies of k and v
+        extra = ({"enable_gqa": True} if grouped else {}) | ({"scale": 1 / math.sqrt(self.head_dim)} if pad else {})
         y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           **({"enable_gqa": True} if grouped else {}))
+                                           dropout_p=self.dropout if self.training else 0.0, **extra)
+        if pad:
+            y = y[..., :self.head_dim]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
@@ -344,9 +354,10 @@ class Transformer(nn.Module):
 def xent_chunk(logits, targets, need_grad: bool):
     """Summed cross entropy of one chunk of logits (rows x vocab) and, if need_grad, d(sum)/d(logits).
 
-    One pass of elementwise work that torch.compile fuses into a kernel or two: softmax in float32, the loss of
-    the target column, and the gradient softmax - onehot (rows whose target is -1 count for nothing).
+    Elementwise work that torch.compile fuses into a kernel or two: softmax in float32, the loss of the target
+    column, and the gradient softmax - onehot (rows whose target is -1 count for nothing) in the logits' dtype.
     """
+    dtype = logits.dtype
     logits = logits.float()
     valid = targets != -1
     t = torch.where(valid, targets, 0)
@@ -357,7 +368,7 @@ def xent_chunk(logits, targets, need_grad: bool):
     probs = torch.exp(logits - lse[:, None])
     onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == t[:, None]
     grad = torch.where(valid[:, None], probs - onehot.float(), 0.0)
-    return loss, grad
+    return loss, grad.to(dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -378,7 +389,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc = h[s:s + rows]
             loss, g = xent(hc @ weight.t(), targets[s:s + rows], True)
             total += loss
-            g = g.to(h.dtype)
             grad_h[s:s + rows] = g @ weight
             grad_w += (g.t() @ hc).float()
         count = (targets != -1).sum()
@@ -393,11 +403,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, xent=xent_chunk, chunk_elements=2 ** 26):
+def linear_cross_entropy(h, weight, targets, xent=xent_chunk, chunk_elements=2 ** 28):
     """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) without the whole logits matrix in memory.
 
     h: (..., dim), weight: (vocab, dim), targets: (...) with -1 for positions that do not count. Under autocast
-    the matmuls run in its dtype, as nn.Linear's would; chunks of about chunk_elements logits each.
+    the matmuls run in its dtype, as nn.Linear's would; chunks of about chunk_elements logits each (512 MB in
+    bfloat16: a few chunks per batch at vocab 32000; fewer, larger ones cost fewer float32 additions of d/dweight).
     """
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     device_type = h.device.type
@@ -419,6 +430,127 @@ def adamw(param_groups, learning_rate, betas, device_type):
     fused = device_type in ("cuda", "cpu", "mps")
     print(f"AdamW fused: {fused}")
     return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+def newton_schulz(G, steps=5, dtype=torch.float32):
+    """Orthogonalise each matrix of G (n, A, B): roughly U V^T of its SVD, singular values pushed into ~[0.7, 1.2].
+
+    Keller Jordan's quintic iteration X <- a X + (b XX^T + c (XX^T)^2) X, whose coefficients lift small singular
+    values fast rather than converge exactly. All n matrices run as one batched matmul (3 per iteration).
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius norm 1 bounds the spectral norm by 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return X.mT if tall else X
+
+
+def fast_bf16_matmul(device):
+    """Whether bfloat16 matrix multiplies are faster than float32 ones on this device.
+
+    CUDA GPUs with bf16 have tensor cores for it. CPUs multiply bf16 fast only with AVX512-BF16 or AMX; without
+    them PyTorch emulates bf16, several times slower than float32 (torch.optim.Muon's bf16 Newton-Schulz made
+    each step ~4x an AdamW step on an AVX2 laptop). Even where the flags exist, oneDNN can be limited
+    (ONEDNN_MAX_CPU_ISA), so a short measurement of the Newton-Schulz matmul decides; bf16 must win clearly.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    has_flag = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if not has_flag:
+        return False
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+        x, y = torch.randn(4, 128, 256, dtype=dtype), torch.randn(4, 256, 256, dtype=dtype)
+        torch.bmm(x, y)
+        t = time.perf_counter()
+        for _ in range(4):
+            torch.bmm(x, y)
+        seconds[dtype] = min(seconds.get(dtype, math.inf), time.perf_counter() - t)
+    return seconds[torch.bfloat16] < 0.7 * seconds[torch.float32]
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan, 2024): momentum SGD whose update, for each 2-D hidden matrix, is orthogonalised.
+
+    For each parameter: buf <- lerp(buf, grad, 1 - momentum); update = lerp(grad, buf, momentum) (Nesterov) or
+    buf; W <- W (1 - lr wd) - lr sqrt(max(1, A/B)) newton_schulz(update). The same update and state layout as
+    torch.optim.Muon (so its checkpoints load), with three differences that matter for speed:
+    - Newton-Schulz runs in bfloat16 only where the device multiplies it fast, else in float32 (ns_dtype;
+      None decides with fast_bf16_matmul). The choice is stored in the param group, so a resumed run keeps it.
+    - matrices of the same shape are orthogonalised together, one batched matmul per shape.
+    - like fused AdamW, step() honours `found_inf` (a 0-d tensor set by the caller): when it is > 0 the step
+      changes nothing, decided on the device with no host sync. lr may also be a 0-d device tensor. Both make
+      the step capturable in a CUDA graph (all state exists after the first step).
+    """
+
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, ns_dtype=ns_dtype))
+        for group in self.param_groups:
+            if any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon takes 2-D matrices only; give embeddings and gains to AdamW")
+
+    def _shape_scale(self, ps, like):
+        """sqrt(max(1, fan_out / fan_in)) per matrix, as torch.optim.Muon scales ("original"); made once, on the
+        device, so that a step captured in a CUDA graph copies nothing from the host."""
+        key = (like.device, like.dtype, tuple(p.shape for p in ps))
+        cache = self.__dict__.setdefault("_scales", {})
+        if key not in cache:
+            cache[key] = torch.tensor([math.sqrt(max(1.0, p.size(0) / p.size(1))) for p in ps], device=like.device,
+                                      dtype=like.dtype)[:, None, None]
+        return cache[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "Muon takes no closure"
+        skip = getattr(self, "found_inf", None)  # set by the caller, as for fused AdamW (grad_scale: not needed)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group.get("ns_dtype") is None:  # (a torch.optim.Muon checkpoint has no such entry)
+                group["ns_dtype"] = "bfloat16" if fast_bf16_matmul(params[0].device) else "float32"
+            ns_dtype = getattr(torch, group["ns_dtype"])  # a name, so that checkpoints hold plain data
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            if skip is not None:  # a skipped step moves nothing: a zero learning rate, a zero momentum weight
+                keep = 1.0 - (skip > 0).float()
+                lr, blend = lr * keep, (1 - momentum) * keep
+            else:
+                blend = 1 - momentum
+            # one batched Newton-Schulz per shape; a tall matrix joins the wide ones of its transposed shape (the
+            # iteration works on the wide side anyway), so w1/w3 (hidden x dim) and w2 (dim x hidden) go together
+            by_shape = {}
+            for p in params:
+                by_shape.setdefault((min(p.shape), max(p.shape)), []).append(p)
+            for ps in by_shape.values():
+                tall = [p.size(0) > p.size(1) for p in ps]
+
+                def wide(ts):  # each tall matrix transposed; transposing again brings it back
+                    return [t.mT if flip else t for t, flip in zip(ts, tall)]
+
+                grads = torch.stack(wide([p.grad for p in ps]))
+                if skip is not None:  # a non-finite gradient must not reach the momentum, even times zero
+                    grads = torch.where(skip > 0, 0.0, grads)
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+                buf = torch.stack(wide(bufs))
+                buf.lerp_(grads, blend)
+                torch._foreach_copy_(bufs, wide(buf.unbind(0)))
+                update = grads.lerp_(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"], ns_dtype).to(ps[0].dtype)
+                update *= self._shape_scale(ps, update)
+                torch._foreach_mul_(ps, 1 - lr * wd)
+                torch._foreach_add_(ps, torch._foreach_mul(wide(update.unbind(0)), -lr))
+        return None
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

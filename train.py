@@ -10,6 +10,7 @@ Settings are the globals below; configurator.py applies a config file and --key=
 Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits; run again to resume.
 """
 
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, settings_of
-from model import (ModelArgs, Transformer, adamw, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
+from model import (ModelArgs, Muon, Transformer, adamw, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
                    pick_dtype, save_checkpoint)
 from preprocess import Task, Tokenizer, load_meta
 
@@ -65,6 +66,7 @@ gradient_accumulation_steps = 4  # micro-steps per iteration, summed over all pr
 learning_rate = 5e-4  # peak AdamW learning rate
 muon_lr = 0.02  # peak Muon learning rate (optimizer="muon" only)
 max_iters = 100000
+max_train_seconds = 0.0  # > 0: a wall-clock budget; max_iters (and the LR schedule) is fitted to it, max_iters is then a cap
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -114,7 +116,7 @@ def build_optimizers(model, device_type):
         norms = [p for p in model.parameters() if p.dim() < 2]
         print(f"Muon: {len(hidden)} hidden matrices; AdamW: embeddings and {len(norms)} norm gains")
         optimizers = [
-            torch.optim.Muon(hidden, lr=muon_lr, weight_decay=weight_decay),
+            Muon(hidden, lr=muon_lr, weight_decay=weight_decay),
             adamw([{"params": embed, "weight_decay": weight_decay}, {"params": norms, "weight_decay": 0.0}],
                   learning_rate, betas, device_type),
         ]
@@ -130,7 +132,8 @@ def load_optimizer_states(optimizers, states, path):
         raise SystemExit(f"error: {path} holds the state of another optimizer; resume with the optimizer it was "
                          "trained with, or use --init_from=scratch")
     for opt, state in zip(optimizers, states):
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        # Muon's Newton-Schulz precision (ns_dtype) belongs to the run, like its moments: keep the checkpoint's
+        settings = [{k: v for k, v in group.items() if k not in ("params", "ns_dtype")} for group in opt.param_groups]
         try:
             opt.load_state_dict(state)
         except ValueError as e:
@@ -169,6 +172,7 @@ def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, ddp):
         with (nullcontext() if sync else model.no_sync()), ctx:
             model(x[i], y[i], return_logits=False)
             loss = raw_model.last_loss / micro_steps
+            raw_model.last_loss = raw_model.last_loss.detach()  # keep no autograd graph alive past the step
         scaler.scale(loss).backward()
         stats["loss"].add_(loss.detach().float())
     for opt in optimizers:
@@ -180,26 +184,18 @@ def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, ddp):
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()
-    elif all(on_device_skip(opt) for opt in optimizers):
-        # the update is skipped on the device when found_inf is set: no host sync needed
+    else:
+        # fused AdamW and our Muon skip the update on the device when found_inf is set: no host sync needed
         for opt in optimizers:
             opt.grad_scale, opt.found_inf = None, bad.float()
             opt.step()
             del opt.grad_scale, opt.found_inf
-    elif not bad.item():  # an optimizer without the on-device skip: the host checks
-        for opt in optimizers:
-            opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     stats["grad_norm"].copy_(grad_norm)
     stats["bad"].copy_(bad)
     stats["bad_steps"].add_(1).mul_(bad)  # consecutive count: reset by a good step
     stats["skipped"].add_(bad)
-
-
-def on_device_skip(opt):
-    """Whether opt.step() honours opt.found_inf (skips the update on the device): fused AdamW does."""
-    return isinstance(opt, torch.optim.AdamW) and bool(opt.defaults.get("fused"))
 
 
 def plan_micro_batches(accum, rows, seq_len, model_args, device, merge):
@@ -246,7 +242,8 @@ class Stepper:
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = torch.tensor(float(group["lr"]), device=device)
-                    group["capturable"] = True
+                    if "capturable" in group:  # AdamW's own check before it lets a graph capture its step
+                        group["capturable"] = True
 
     def load(self, xs, ys):
         """The iteration's micro-batches (CPU tensors of the data stream's batch_size rows each)."""
@@ -299,8 +296,7 @@ def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, 
     else:
         why_not = [reason for reason, blocks in (
             ("not yet under DDP", ddp),
-            ("float16's GradScaler checks for overflow on the host", scaler.is_enabled()),
-            ("the optimizer has no on-device skip", not all(on_device_skip(o) for o in optimizers))) if blocks]
+            ("float16's GradScaler checks for overflow on the host", scaler.is_enabled())) if blocks]
     capture = not why_not
     ctx = autocast_ctx(device, ptdtype, cache=not capture)
     stepper = Stepper(model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, ddp, capture)
@@ -319,6 +315,22 @@ def optimizer_state(opt):
         if isinstance(group["lr"], torch.Tensor):
             group["lr"] = group["lr"].item()
     return state
+
+
+def fit_iters_to_budget(budget, elapsed, iter_now, s_per_iter, s_per_eval, cap):
+    """The largest max_iters whose remaining steps and evaluations (with their checkpoints) end within budget.
+
+    elapsed: seconds of the budget spent so far (at iteration iter_now). Evaluations come every eval_interval
+    iterations and once more at the end; each one also writes ckpt.pt and maybe best.pt (in s_per_eval).
+    """
+    def cost(n):
+        evals = n // eval_interval - iter_now // eval_interval + (n % eval_interval != 0)
+        return elapsed + (n - iter_now) * s_per_iter + evals * s_per_eval
+    lo, hi = iter_now + 1, max(iter_now + 1, cap)  # at least one more step: a run always ends on a checkpoint
+    while lo < hi:  # cost grows with n: bisect for the last n that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+    return lo
 
 
 def rng_state():
@@ -400,6 +412,61 @@ def plot_losses(history, path):
     os.replace(path + ".tmp.png", path)
 
 
+class Budget:
+    """max_train_seconds: time a few warm steps, then fix max_iters so that training ends within the budget.
+
+    The clock starts with the training loop (data preparation and start-up are not in it); evaluations and
+    checkpoints are. The steps timed are still in the warm-up of any sensible schedule, so the learning rates
+    they used do not depend on the max_iters chosen after them. The choice goes into the checkpoint: a resumed
+    run continues the same schedule instead of fitting a new one to the time left.
+    """
+
+    def __init__(self, seconds, device_type, start_iter):
+        self.seconds, self.device_type = seconds, device_type
+        self.t_start = time.time()
+        self.first = start_iter + 3  # the steps before it compile, fill caches and warm the allocator
+        self.t_first = None
+        self.eval_seconds = 0.0  # the longest evaluation (with its checkpoints) seen so far
+
+    def now(self):
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()  # only while timing: a few steps of the run
+        return time.time()
+
+    def timed(self, iter_num):
+        """Whether enough warm steps have been timed (at least 5 and a second's worth, or 50)."""
+        if iter_num == self.first:
+            self.t_first = self.now()
+        if self.t_first is None or iter_num == self.first:
+            return False
+        n, seconds = iter_num - self.first, self.now() - self.t_first
+        return n >= 50 or (n >= 5 and seconds >= 1.0)
+
+    def fit(self, iter_num, model, optimizers, ddp, dev, master):
+        s_per_iter = (self.now() - self.t_first) / (iter_num - self.first)
+        # a checkpoint costs about what serialising the state costs (twice: ckpt.pt and best.pt), plus writing it
+        t = time.time()
+        torch.save([model.state_dict(), [o.state_dict() for o in optimizers]], io.BytesIO())
+        s_per_eval = self.eval_seconds + 3 * (time.time() - t)
+        if not self.eval_seconds:  # no evaluation seen (a resumed run): 2 x eval_iters forward passes
+            s_per_eval += 2 * eval_iters / max(1, gradient_accumulation_steps) * s_per_iter / 3
+        elapsed = time.time() - self.t_start
+        chosen = fit_iters_to_budget(self.seconds * 0.98, elapsed, iter_num, s_per_iter, s_per_eval, max_iters)
+        if ddp:  # every process must stop at the same iteration: rank 0's measurement decides
+            agreed = torch.tensor(chosen, device=dev)
+            dist.broadcast(agreed, src=0)
+            chosen = int(agreed.item())
+        if master:
+            print(f"budget {self.seconds:.0f} s: max_iters {chosen} ({s_per_iter * 1000:.1f} ms per iteration, "
+                  f"{s_per_eval:.1f} s per evaluation with its checkpoints, {elapsed:.1f} s spent before "
+                  f"iteration {iter_num}; 2% held back)" + (f"; capped by max_iters {max_iters}"
+                                                              if chosen == max_iters else ""), flush=True)
+            if chosen <= warmup_iters:
+                print(f"warning: the budget fits only {chosen} iterations, within warmup_iters={warmup_iters}; "
+                      "give it more time or lower warmup_iters")
+        return chosen
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, writes a checkpoint and exits."""
 
@@ -422,6 +489,8 @@ def check_settings():
             raise SystemExit(f"error: --{name} must be >= 1, not {globals()[name]}")
     if max_iters < 0 or learning_rate <= 0 or muon_lr <= 0 or min_lr < 0 or warmup_iters < 0:
         raise SystemExit("error: max_iters, warmup_iters and min_lr must be >= 0, learning_rate and muon_lr > 0")
+    if max_train_seconds < 0:
+        raise SystemExit(f"error: --max_train_seconds must be >= 0 (0: no budget), not {max_train_seconds}")
     if compile is not None and not isinstance(compile, bool):
         raise SystemExit(f"error: --compile must be True, False or None (on for CUDA only), not {compile!r}")
     if lr_schedule not in ("cosine", "wsd", "constant"):
@@ -433,6 +502,7 @@ def check_settings():
 
 
 def train():
+    global max_iters  # a wall-clock budget (max_train_seconds) fixes it once the first steps are timed
     check_settings()
     config = {k: globals()[k] for k in settings_of(globals())}
 
@@ -505,11 +575,15 @@ def train():
     optimizers = build_optimizers(model, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == "float16")
     iter_num, best_val_loss, data_state = 0, float("inf"), None
+    budget_iters = None  # max_iters as the budget fixed it (None: no budget, or not fixed yet)
     if ckpt is not None:
         load_optimizer_states(optimizers, ckpt["optimizer"], ckpt_path)
         if ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        if max_train_seconds > 0 and ckpt.get("budget_max_iters"):
+            max_iters = min(max_iters, ckpt["budget_max_iters"])  # the same schedule as before the stop
+            budget_iters = max_iters
         saved = ckpt["data_state"]
         # with another number of processes every rank continues from rank 0's place in the epoch (the batch
         # stream rescales it and says so)
@@ -571,7 +645,7 @@ def train():
                                scaler=scaler.state_dict() if scaler.is_enabled() else None, iter_num=iter_num,
                                best_val_loss=best_val_loss, config=config, rng=rng_state(),
                                data_state={"world_size": world_size, "ranks": states},
-                               tokenizer=tokenizer.model_bytes)
+                               tokenizer=tokenizer.model_bytes, budget_max_iters=budget_iters)
         save_checkpoint(ckpt, path)
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -608,6 +682,9 @@ def train():
     train_batches_state = train_batches.state_dict()  # the state that yields the next batch
     stats = stepper.stats  # the step's results, on the device: read only when logging
     t_last, iters_since_log, ms_per_iter = time.time(), 0, None
+    warm_iter = resume_iter + (Stepper.warmup_steps + 1 if stepper.capture else 0)  # compiled and captured
+    budget = Budget(max_train_seconds, device_type, warm_iter) if max_train_seconds > 0 and budget_iters is None \
+        else None
     while True:
         last = iter_num >= max_iters
         # (a resumed run does not repeat the evaluation its checkpoint was written after)
@@ -628,6 +705,8 @@ def train():
                 if improved and not always_save_checkpoint:
                     write_checkpoint(os.path.join(out_dir, "best.pt"))
             t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
+            if budget is not None:
+                budget.eval_seconds = max(budget.eval_seconds, time.time() - t_eval)
         if last or eval_only:
             break
         stop_now = stop.signal is not None
@@ -657,6 +736,9 @@ def train():
         if iter_num == resume_iter + 1 and master:
             stats["loss"].item()  # wait for the first step (compilation included)
             print(f"first step done {time.time() - PROCESS_START:.1f} s after start", flush=True)
+        if budget is not None and budget.timed(iter_num):
+            max_iters = budget_iters = budget.fit(iter_num, raw_model, optimizers, ddp, dev, master)
+            budget = None
 
         if iter_num % log_interval == 0 or iter_num == max_iters:
             # the only host syncs of the loop

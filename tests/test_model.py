@@ -307,3 +307,25 @@ def test_chunked_lm_head_loss_and_gradients_equal_the_full_logits():
     assert torch.allclose(out, ref) and torch.allclose(h.grad, gh, atol=1e-6) and torch.allclose(w.grad, gw, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(model_module.linear_cross_entropy(h, w, t, chunk_elements=600), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_attention_with_padded_head_size_matches_cpu():
+    # head size 36 (dim 72, 2 heads, 1 kv head): CUDA pads it to 40 for its fast kernels, the CPU does not
+    m = build(dim=72, n_heads=2, n_kv_heads=1).train()
+    x = torch.randint(0, 64, (3, 32))
+    m(x, x, return_logits=False)
+    m.last_loss.backward()
+    ref = [m.last_loss.detach()] + [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        m.cuda()
+        m(x.cuda(), x.cuda(), return_logits=False)
+        m.last_loss.backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    got = [m.last_loss.detach()] + [p.grad for p in m.parameters()]
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b.cpu(), rtol=1e-4, atol=1e-6)

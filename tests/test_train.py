@@ -5,6 +5,7 @@ import math
 import os
 import random
 import importlib.util
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,11 +247,13 @@ def poison_forward(monkeypatch, bad_calls):
     monkeypatch.setattr(Transformer, "forward", forward)
 
 
-def test_nan_steps_are_skipped_and_counted(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_nan_steps_are_skipped_and_counted(data_dir, tmp_path, monkeypatch, optimizer):
     out = tmp_path / "run"
     # micro-batches 21..26 are iterations 11, 12, 13 (2 micro-steps each)
     poison_forward(monkeypatch, lambda n: 21 <= n <= 26)
-    in_process_train(data_dir, out, monkeypatch, max_iters=20, eval_interval=20, log_interval=1)
+    in_process_train(data_dir, out, monkeypatch, max_iters=20, eval_interval=20, log_interval=1,
+                     optimizer=optimizer)
     logs = {m["iter"]: m for m in metrics(out) if "loss" in m}
     assert all(math.isnan(logs[i]["loss"]) for i in (11, 12, 13))
     assert logs[10]["skipped"] == 0 and logs[13]["skipped"] == 3 and logs[20]["skipped"] == 3
@@ -441,3 +444,44 @@ def test_cuda_training_end_to_end(data_dir, tmp_path, dtype):
     r = train_cli(data_dir, out, max_iters=45, **common)  # resumes into a new graph
     assert "resuming from" in r.stdout and load_checkpoint(out / "ckpt.pt")["iter_num"] == 45
     assert all(math.isfinite(m["loss"]) for m in metrics(out) if "loss" in m)
+
+
+def test_fit_iters_to_budget():
+    # 100 s budget, 10 s spent at iteration 10, 1 s per step, an evaluation (with checkpoints) of 5 s every 20
+    # iterations and at the end: n = 80 costs 10 + 70 + 4 evaluations (20, 40, 60, 80) = 100 s; n = 81 needs a
+    # fifth one at the end (106 s)
+    fit = train_module.fit_iters_to_budget
+    train_module.eval_interval = 20
+    try:
+        assert fit(100, 10, 10, 1.0, 5.0, cap=10**6) == 80
+        assert fit(100, 10, 10, 1.0, 5.0, cap=50) == 50  # max_iters caps it
+        assert fit(5, 10, 10, 1.0, 5.0, cap=10**6) == 11  # over budget already: one more step, then stop
+    finally:
+        train_module.eval_interval = 2000
+
+
+def test_budget_fixes_max_iters_and_resume_continues_it(data_dir, tmp_path):
+    common = dict(max_iters=100000, eval_interval=20, log_interval=1)
+    out = tmp_path / "budget"
+    proc = subprocess.Popen([sys.executable, "train.py", *settings(data_dir, out, max_train_seconds=30.0, **common)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # stop the run once the budget has fixed max_iters
+        lines.append(line)
+        if line.startswith("budget 30 s: max_iters "):
+            chosen = int(line.split()[4])
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 0, "".join(lines)
+    stopped = load_checkpoint(out / "ckpt.pt")
+    assert stopped["budget_max_iters"] == chosen and stopped["iter_num"] < chosen, "".join(lines)
+
+    # resumed, the run keeps the schedule it fixed: the same as being told max_iters=chosen without a budget
+    twin = tmp_path / "twin"
+    shutil.copytree(out, twin)
+    r = train_cli(data_dir, out, max_train_seconds=30.0, **common)
+    assert "budget 30 s" not in r.stdout and f"iter {chosen}/{chosen}" in r.stdout
+    train_cli(data_dir, twin, **{**common, "max_iters": chosen})
+    a, b = load_checkpoint(out / "ckpt.pt"), load_checkpoint(twin / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == chosen and metrics(out)[-1]["iter"] == chosen
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
