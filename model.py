@@ -137,7 +137,8 @@ class Attention(nn.Module):
             assert T == 1 or start_pos == 0, "the cache is filled by one prompt, then one token at a time"
             is_causal = T > 1
         # each group of n_heads // n_kv_heads query heads shares one key/value head: SDPA reads them in place
-        # (enable_gqa; the flash kernels on CPU and CUDA take it), no repeat_interleave copies of k and v
+        # (enable_gqa: CPU's flash kernel and CUDA's flash and cuDNN kernels take it; measured on an H200 it is
+        # faster than repeat_interleave copies of k and v), and so does the cache path
         extra = ({"enable_gqa": True} if grouped else {}) | ({"scale": 1 / math.sqrt(self.head_dim)} if pad else {})
         y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0, **extra)
