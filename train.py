@@ -222,8 +222,8 @@ class Stepper:
     """train_step on static device buffers: run eagerly (the plain path), or captured once as a CUDA graph and
     replayed, so a whole step (every micro-batch, clipping, the skip, the optimizer) costs one launch.
 
-    load() copies an iteration's micro-batches into the buffers (non_blocking from pinned memory); set_lr()
-    updates the learning rates (device tensors when captured); calling the stepper takes the step. Capture follows
+    load() copies an iteration's micro-batches into the buffers (non_blocking from pinned memory); set_lr() fills
+    the learning rates in place (device tensors when captured); calling the stepper takes the step. Capture follows
     PyTorch's recipe for whole-network capture: a few eager warm-up steps on a side stream (compilation, optimizer
     state), then capture; they are real training steps. Evaluation uses the model outside the graph; batches of
     another shape run eagerly and leave the graph as it is.
