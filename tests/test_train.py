@@ -372,10 +372,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-def test_captured_step_matches_the_plain_step(monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_captured_step_matches_the_plain_step(monkeypatch, optimizer):
     """train.py's Stepper captured in a CUDA graph vs run eagerly: same losses and weights step by step, through a
     changing lr, an evaluation, a batch of another shape, and a skipped non-finite step."""
-    for k, v in dict(warmup_iters=4, learning_rate=3e-3, max_iters=20, min_lr=3e-4).items():
+    for k, v in dict(warmup_iters=4, learning_rate=3e-3, max_iters=20, min_lr=3e-4, optimizer=optimizer).items():
         monkeypatch.setattr(train_module, k, v)
     gen = torch.Generator().manual_seed(0)
     data = [torch.randint(0, 128, (4, 33), generator=gen) for _ in range(40)]
@@ -432,10 +433,10 @@ def test_captured_step_matches_the_plain_step(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_cuda_training_end_to_end(data_dir, tmp_path, dtype):
-    out = tmp_path / "run"  # (compiled and captured together: bench.py's fast path and first-step runs)
-    common = dict(device="cuda", dtype=dtype, eval_interval=15, log_interval=5)
+@pytest.mark.parametrize("dtype,optimizer", [("bfloat16", "adamw"), ("float16", "adamw"), ("bfloat16", "muon")])
+def test_cuda_training_end_to_end(data_dir, tmp_path, dtype, optimizer):
+    out = tmp_path / "run"  # compiled (each block once) and, in bfloat16, captured
+    common = dict(device="cuda", dtype=dtype, optimizer=optimizer, eval_interval=15, log_interval=5, compile=True)
     r = train_cli(data_dir, out, max_iters=30, **common)
     assert ("step: one CUDA graph" in r.stdout) == (dtype == "bfloat16"), r.stdout
     assert "2 micro-batches of 4 merged into 1 of 8" in r.stdout and "first step done" in r.stdout
