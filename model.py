@@ -122,13 +122,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         grouped = self.n_kv_heads != self.n_heads
+        pad = 0
         if cache is None:
             is_causal = True
-            if grouped:
-                # each group of n_heads // n_kv_heads query heads shares one key/value head (copied out here,
-                # which every SDPA backend takes, for training)
-                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            # CUDA's fast attention kernels (cuDNN, memory-efficient) need a head size divisible by 8: zero
+            # columns added to q, k and v change no dot product, and the output's extra columns are dropped
+            # (at dim 288 with 8 heads, size 36 -> 40 takes cuDNN instead of a slower flash path)
+            pad = -self.head_dim % 8 if x.is_cuda else 0
+            if pad:
+                q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         else:
             # generation: store this step's keys/values and attend over everything cached so far
             k_cache, v_cache = cache
@@ -138,11 +140,14 @@ class Attention(nn.Module):
             # a single new query may see every cached position; a prompt starting at 0 is plain causal
             assert T == 1 or start_pos == 0, "the cache is filled by one prompt, then one token at a time"
             is_causal = T > 1
-        # on the cache path SDPA shares the kv heads itself (enable_gqa): copying the whole cache every step
-        # would cost more than the attention
+        # each group of n_heads // n_kv_heads query heads shares one key/value head: SDPA reads them in place
+        # (enable_gqa: CPU's flash kernel and CUDA's flash and cuDNN kernels take it; measured on an H200 it is
+        # faster than repeat_interleave copies of k and v), and so does the cache path
+        extra = ({"enable_gqa": True} if grouped else {}) | ({"scale": 1 / math.sqrt(self.head_dim)} if pad else {})
         y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           **({"enable_gqa": True} if grouped and cache is not None else {}))
+                                           dropout_p=self.dropout if self.training else 0.0, **extra)
+        if pad:
+            y = y[..., :self.head_dim]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
@@ -199,15 +204,29 @@ class Transformer(nn.Module):
             if name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
         self.last_loss = None
+        self.xent = xent_chunk  # compile_regions() swaps in a compiled version
+
+    def compile_regions(self):
+        """Regional compilation: each TransformerBlock through torch.compile, plus the loss's per-chunk kernel.
+
+        The blocks share one piece of code, so it is compiled once and reused by every layer (with the weights as
+        inputs): a cold start compiles one block instead of the whole unrolled model, and the inductor cache (in
+        its default place) makes the next start warm. Shapes are static: a new batch shape gets its own kernels.
+        """
+        for layer in self.layers:
+            layer.compile(dynamic=False)
+        self.xent = torch.compile(xent_chunk, dynamic=False)
 
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, targets=None, cache=None, start_pos=0):
+    def forward(self, tokens, targets=None, cache=None, start_pos=0, return_logits=True):
         """Logits for every position when targets are given (and self.last_loss), else for the last one only.
 
+        return_logits=False (training, evaluation): only self.last_loss, through linear_cross_entropy, which never
+        holds the (tokens x vocab) logits whole; returns None.
         cache/start_pos are for generate(): a list of per-layer (k, v) buffers and the position of tokens[:, 0].
         """
         T = tokens.shape[1]
@@ -219,6 +238,9 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, None if cache is None else cache[i], start_pos)
         h = self.norm(h)
 
+        if targets is not None and not return_logits:
+            self.last_loss = linear_cross_entropy(h, self.output.weight, targets, self.xent)
+            return None
         if targets is not None:
             logits = self.output(h)
             self.last_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
@@ -318,6 +340,84 @@ class Transformer(nn.Module):
             raise SystemExit(f"error: {path}: its weights do not fit its model_args ({detail[:300]}); the file is "
                              "damaged or was not written by this version of tinyllm") from None
         return model
+
+
+# -----------------------------------------------------------------------------
+# the LM head and cross entropy, chunk by chunk: at vocab 32000 the (tokens x vocab) logits of a batch are larger
+# than the rest of the activations together, so they are never formed whole
+
+def xent_chunk(logits, targets, need_grad: bool):
+    """Summed cross entropy of one chunk of logits (rows x vocab) and, if need_grad, d(sum)/d(logits).
+
+    Elementwise work that torch.compile fuses into a kernel or two: softmax in float32, the loss of the target
+    column, and the gradient softmax - onehot (rows whose target is -1 count for nothing) in the logits' dtype.
+    """
+    dtype = logits.dtype
+    logits = logits.float()
+    valid = targets != -1
+    t = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = torch.where(valid, lse - logits.gather(1, t[:, None])[:, 0], 0.0).sum()
+    if not need_grad:
+        return loss, None
+    probs = torch.exp(logits - lse[:, None])
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == t[:, None]
+    grad = torch.where(valid[:, None], probs - onehot.float(), 0.0)
+    return loss, grad.to(dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean cross entropy of h @ weight.T, with the gradients computed in the forward pass, chunk by chunk.
+
+    The backward pass of (matmul, log-softmax) needs the softmax of every logit; computing it while each chunk's
+    logits are at hand and keeping only d/dh (tokens x dim) and d/dweight (vocab x dim) saves holding the
+    logits, at the same matmul count (one forward, two backward per chunk). The gradients are kept unscaled in
+    float32 and multiplied by the incoming gradient (1/accumulation steps, a float16 loss scale) in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, xent, rows):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], rows):
+            hc = h[s:s + rows]
+            loss, g = xent(hc @ weight.t(), targets[s:s + rows], True)
+            total += loss
+            grad_h[s:s + rows] = g @ weight
+            grad_w += (g.t() @ hc).float()
+        count = (targets != -1).sum()
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_out / count
+        return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, xent=xent_chunk, chunk_elements=2 ** 28):
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) without the whole logits matrix in memory.
+
+    h: (..., dim), weight: (vocab, dim), targets: (...) with -1 for positions that do not count. Under autocast
+    the matmuls run in its dtype, as nn.Linear's would; chunks of about chunk_elements logits each (512 MB in
+    bfloat16: a few chunks per batch at vocab 32000; fewer, larger ones cost fewer float32 additions of d/dweight).
+    """
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    chunks = max(1, math.ceil(h.shape[0] * weight.shape[0] / chunk_elements))
+    rows = math.ceil(h.shape[0] / chunks)
+    with torch.autocast(device_type, enabled=False):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(h, weight, targets, xent, rows)
+        total = sum(xent(h[s:s + rows] @ weight.t(), targets[s:s + rows], False)[0]
+                    for s in range(0, h.shape[0], rows))
+        return total / (targets != -1).sum()
 
 
 def adamw(param_groups, learning_rate, betas, device_type):
@@ -678,11 +778,12 @@ def pick_dtype(dtype, device):
     return dtype
 
 
-def autocast_ctx(device, dtype):
-    """Mixed precision for the forward pass; float32 needs none."""
+def autocast_ctx(device, dtype, cache=True):
+    """Mixed precision for the forward pass; float32 needs none. cache=False for CUDA graph capture (PyTorch's
+    advice: the cache of weight casts must not hold tensors made during capture)."""
     if dtype == "float32":
         return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
+    return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype], cache_enabled=cache)
 
 
 # -----------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import time
+
+PROCESS_START = time.time()  # before torch is imported: the banner reports the seconds to the first step
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -81,7 +83,8 @@ wsd_decay_frac = 0.2  # wsd: the last fraction of lr_decay_iters that decays lin
 # system
 device = "auto"  # "auto" (cuda, mps, cpu in that order), "cpu", "cuda", "cuda:1", "mps"
 dtype = "auto"  # "auto" (bfloat16 where supported, float16 on older GPUs, float32 on CPU), or explicit
-compile = None  # torch.compile the model; None: on for CUDA, off for CPU/MPS
+compile = None  # torch.compile each block (regional compilation); None: on for CUDA, off for CPU/MPS
+cuda_graph = True  # CUDA: merge micro-batches that fit and replay the whole step as one CUDA graph; False: plain step
 seed = 1337
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0: look it up from the GPU's name
 # -----------------------------------------------------------------------------
@@ -146,7 +149,175 @@ def set_lr(optimizers, it):
     scale = lr_at(it) / learning_rate
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["peak_lr"] * scale
+            if isinstance(group["lr"], torch.Tensor):  # a captured step reads it on the device
+                group["lr"].fill_(group["peak_lr"] * scale)
+            else:
+                group["lr"] = group["peak_lr"] * scale
+
+
+# -----------------------------------------------------------------------------
+# the training step
+
+def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, ddp):
+    """One optimizer step over the micro-batches x[i], y[i] (x, y: micro_steps x rows x seq_len, on the device).
+
+    Forward/backward per micro-batch (gradients summed, all-reduced once under DDP), clipping, the non-finite skip
+    and the update. Its results go in place into the 0-d device tensors of stats (loss: the mean loss; grad_norm;
+    bad: this step was skipped; bad_steps: consecutive skipped steps; skipped: all of them), with no host sync,
+    so the same code runs eagerly or inside a CUDA graph.
+    """
+    raw_model = model.module if ddp else model
+    micro_steps = x.shape[0]
+    stats["loss"].zero_()
+    for i in range(micro_steps):
+        sync = not ddp or i == micro_steps - 1  # all-reduce gradients only on the last micro-step
+        with (nullcontext() if sync else model.no_sync()), ctx:
+            model(x[i], y[i], return_logits=False)
+            loss = raw_model.last_loss / micro_steps
+            raw_model.last_loss = raw_model.last_loss.detach()  # keep no autograd graph alive past the step
+        scaler.scale(loss).backward()
+        stats["loss"].add_(loss.detach().float())
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else 1e30)
+    bad = ~torch.isfinite(stats["loss"]) | ~torch.isfinite(grad_norm)
+    if scaler.is_enabled():
+        # float16: the scaler skips steps whose gradients overflowed (and lowers its scale)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+    else:
+        # fused AdamW and our Muon skip the update on the device when found_inf is set: no host sync needed
+        for opt in optimizers:
+            opt.grad_scale, opt.found_inf = None, bad.float()
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    stats["grad_norm"].copy_(grad_norm)
+    stats["bad"].copy_(bad)
+    stats["bad_steps"].add_(1).mul_(bad)  # consecutive count: reset by a good step
+    stats["skipped"].add_(bad)
+
+
+def plan_micro_batches(accum, rows, seq_len, model_args, device, merge):
+    """(micro_steps, rows): accum micro-batches of rows sequences, merged into fewer, larger ones when merge is on
+    and the activations fit in half the free device memory. The same sequences in the same order give the same
+    mean loss and gradient; only how many go through the model at once changes (fewer, larger kernels).
+    """
+    if not merge:
+        return accum, rows
+    a = model_args
+    # activation bytes per token kept for the backward pass: per layer, bf16 copies of the block's inputs, q/k/v,
+    # the attention output and the SwiGLU's hidden tensors, plus the float32 residual stream; the chunked LM
+    # head holds no logits. (bench.py's peak memory on an H200, model and optimizer included, came to 0.9-1.0x
+    # this; half the free memory leaves room for the rest)
+    per_token = a.n_layers * (24 * a.dim + 6 * a.hidden_dim) + 16 * a.dim
+    budget = torch.cuda.mem_get_info(device)[0] / 2
+    for micro_steps in (d for d in range(1, accum + 1) if accum % d == 0):
+        if accum // micro_steps * rows * seq_len * per_token <= budget:
+            return micro_steps, accum // micro_steps * rows
+    return accum, rows
+
+
+class Stepper:
+    """train_step on static device buffers: run eagerly (the plain path), or captured once as a CUDA graph and
+    replayed, so a whole step (every micro-batch, clipping, the skip, the optimizer) costs one launch.
+
+    load() copies an iteration's micro-batches into the buffers (non_blocking from pinned memory); set_lr() fills
+    the learning rates in place (device tensors when captured); calling the stepper takes the step. Capture follows
+    PyTorch's recipe for whole-network capture: a few eager warm-up steps on a side stream (compilation, optimizer
+    state), then capture; they are real training steps. Evaluation uses the model outside the graph; batches of
+    another shape run eagerly and leave the graph as it is.
+    """
+
+    warmup_steps = 3
+
+    def __init__(self, model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, ddp, capture):
+        self.model, self.optimizers, self.scaler, self.ctx = model, optimizers, scaler, ctx
+        self.grad_clip, self.ddp, self.capture = grad_clip, ddp, capture
+        self.x = torch.zeros((micro_steps, rows, seq_len), dtype=torch.long, device=device)
+        self.y = torch.zeros_like(self.x)
+        self.stats = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
+        self.pin = torch.device(device).type == "cuda"
+        self.graph, self.steps, self.odd = None, 0, None
+        if capture:
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = torch.tensor(float(group["lr"]), device=device)
+                    if "capturable" in group:  # AdamW's own check before it lets a graph capture its step
+                        group["capturable"] = True
+
+    def load(self, xs, ys):
+        """The iteration's micro-batches (CPU tensors of the data stream's batch_size rows each)."""
+        x, y = torch.cat(xs), torch.cat(ys)
+        if x.shape != (self.x.shape[0] * self.x.shape[1], self.x.shape[2]):
+            # not the captured shape: this step runs eagerly on its own tensors
+            n = len(xs)
+            self.odd = (x.view(n, -1, x.shape[1]).to(self.x.device), y.view(n, -1, y.shape[1]).to(self.x.device))
+            return
+        self.odd = None
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        self.x.copy_(x.view_as(self.x), non_blocking=True)
+        self.y.copy_(y.view_as(self.y), non_blocking=True)
+
+    def _run(self, x, y):
+        train_step(self.model, self.optimizers, self.scaler, x, y, self.stats, self.ctx, self.grad_clip, self.ddp)
+
+    def __call__(self):
+        if self.odd is not None:
+            self._run(*self.odd)
+        elif self.graph is not None:
+            self.graph.replay()
+        elif not self.capture:
+            self._run(self.x, self.y)
+        elif self.steps < self.warmup_steps:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run(self.x, self.y)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)  # the graph allocates the gradients in its own memory pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._run(self.x, self.y)
+            self.graph.replay()  # capturing only recorded the step
+        self.steps += 1
+
+
+def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, ptdtype, grad_clip, ddp, fast):
+    """The Stepper for this run and the banner line that says which path it takes and why."""
+    raw_model = model.module if ddp else model
+    device_type = torch.device(device).type
+    fast = fast and device_type == "cuda"
+    micro_steps, rows = plan_micro_batches(accum, batch_size, seq_len, raw_model.args, device, merge=fast)
+    if not fast:
+        why_not = ["cuda_graph=False" if device_type == "cuda" else f"CUDA graphs need CUDA, not {device_type}"]
+    else:
+        why_not = [reason for reason, blocks in (
+            ("not yet under DDP", ddp),
+            ("float16's GradScaler checks for overflow on the host", scaler.is_enabled())) if blocks]
+    capture = not why_not
+    ctx = autocast_ctx(device, ptdtype, cache=not capture)
+    stepper = Stepper(model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, ddp, capture)
+    line = ("step: one CUDA graph (captured after %d warm-up steps)" % Stepper.warmup_steps if capture
+            else "step: plain (not captured: %s)" % "; ".join(why_not))
+    if micro_steps != accum:
+        line += (f"; {accum} micro-batches of {batch_size} merged into {micro_steps} of {rows} (same gradient, "
+                 "fewer launches)")
+    return stepper, line
+
+
+def optimizer_state(opt):
+    """opt.state_dict() with plain-float learning rates (a captured step keeps them as device tensors)."""
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].item()
+    return state
 
 
 def fit_iters_to_budget(budget, elapsed, iter_now, s_per_iter, s_per_eval, cap):
@@ -499,9 +670,9 @@ def train():
     meta = load_meta(os.path.join(data_dir, f"tok{vocab_size}"))
     tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
 
-    def batches(split, state=None, stream_seed=seed):
+    def batches(split, state=None, stream_seed=seed, on=dev):
         return Task.iter_batches(split=split, batch_size=batch_size, max_seq_len=max_seq_len,
-                                 vocab_size=vocab_size, device=dev, data_dir=data_dir, seed=stream_seed,
+                                 vocab_size=vocab_size, device=on, data_dir=data_dir, seed=stream_seed,
                                  state=state, tokenizer_sha256=tokenizer.sha256)
 
     # ---- model and optimizer, fresh or from out_dir/ckpt.pt
@@ -562,16 +733,18 @@ def train():
     if use_compile:
         try:
             torch.compile(lambda x: x * 2)(torch.ones(2, device=dev))  # fails fast without a working toolchain
-            model = torch.compile(model)
+            raw_model.compile_regions()
         except Exception as e:
+            use_compile = False
             print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                   "running without it")
-    eval_model = model  # compiled, but outside DDP: evaluation needs no gradient sync
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    ctx = autocast_ctx(dev, ptdtype)
+    ctx = autocast_ctx(dev, ptdtype)  # evaluation's
+    stepper, step_line = make_stepper(model, optimizers, scaler, accum, batch_size, max_seq_len, dev, ptdtype,
+                                      grad_clip, ddp, cuda_graph)
 
-    train_batches = batches("train", state=data_state)
+    train_batches = batches("train", state=data_state, on="cpu")  # the stepper copies them to the device
 
     @torch.no_grad()
     def evaluate():
@@ -584,7 +757,7 @@ def train():
             for _ in range(eval_iters):
                 x, y = next(stream)
                 with ctx:
-                    eval_model(x, y)
+                    raw_model(x, y, return_logits=False)  # outside DDP: evaluation needs no gradient sync
                 total += raw_model.last_loss.float()
             if ddp:
                 dist.all_reduce(total)
@@ -600,7 +773,7 @@ def train():
             states = gathered
         if not master:
             return
-        ckpt = checkpoint_dict(raw_model, model_args, optimizer=[o.state_dict() for o in optimizers],
+        ckpt = checkpoint_dict(raw_model, model_args, optimizer=[optimizer_state(o) for o in optimizers],
                                scaler=scaler.state_dict() if scaler.is_enabled() else None, iter_num=iter_num,
                                best_val_loss=best_val_loss, config=config, rng=rng_state(),
                                data_state={"world_size": world_size, "ranks": states},
@@ -636,18 +809,19 @@ def train():
               f"context {max_seq_len}, vocab {vocab_size}")
         print(f"data: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} val "
               f"tokens in {data_dir}/tok{vocab_size}")
-        print(f"device {dev}, dtype {ptdtype}, {world_size} process(es), compile {use_compile and model is not raw_model}")
+        print(f"device {dev}, dtype {ptdtype}, {world_size} process(es), compile {use_compile}"
+              + (" (each block once)" if use_compile else ""))
         print(f"tokens per iteration: {tokens_per_iter:,} = {gradient_accumulation_steps} accumulation x "
               f"{batch_size} batch x {max_seq_len} tokens (over {world_size} processes)")
+        print(step_line)
 
     # ---- the training loop
     stop = StopRequest()
-    train_batches_state = train_batches.state_dict()  # the state that yields the batch in hand next
-    x, y = next(train_batches)
-    bad_steps = torch.zeros((), device=dev)  # consecutive non-finite steps, counted on the device
-    skipped = torch.zeros((), device=dev)  # all of them
+    train_batches_state = train_batches.state_dict()  # the state that yields the next batch
+    stats = stepper.stats  # the step's results, on the device: read only when logging
     t_last, iters_since_log, ms_per_iter = time.time(), 0, None
-    budget = Budget(max_train_seconds, device_type, resume_iter) if max_train_seconds > 0 and budget_iters is None \
+    warm_iter = resume_iter + (Stepper.warmup_steps + 1 if stepper.capture else 0)  # compiled and captured
+    budget = Budget(max_train_seconds, device_type, warm_iter) if max_train_seconds > 0 and budget_iters is None \
         else None
     while True:
         last = iter_num >= max_iters
@@ -690,48 +864,24 @@ def train():
                 print(f"stopped at iteration {iter_num}, before there was anything to save")
             break
 
-        # one optimizer step over `accum` micro-batches
+        # data -> step -> log: the step runs on the device while the host fetches the next batches
         set_lr(optimizers, iter_num)
-        loss_sum = torch.zeros((), device=dev)
-        for micro_step in range(accum):
-            sync = not ddp or micro_step == accum - 1  # all-reduce gradients only on the last micro-step
-            with (nullcontext() if sync else model.no_sync()), ctx:
-                model(x, y)
-                loss = raw_model.last_loss / accum
-            if micro_step == accum - 1:
-                train_batches_state = train_batches.state_dict()
-            x, y = next(train_batches)  # fetch the next batch while the device works on this one
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-        for opt in optimizers:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else 1e30)
-        bad = ~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)
-        if scaler.is_enabled():
-            # float16: the scaler skips steps whose gradients overflowed (and lowers its scale)
-            for opt in optimizers:
-                scaler.step(opt)
-            scaler.update()
-        else:
-            # fused AdamW and our Muon skip the update on the device when found_inf is set: no host sync needed
-            for opt in optimizers:
-                opt.grad_scale, opt.found_inf = None, bad.float()
-                opt.step()
-                del opt.grad_scale, opt.found_inf
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        bad_steps = (bad_steps + 1) * bad  # consecutive count: reset by a good step
-        skipped += bad
+        stepper.load(*zip(*(next(train_batches) for _ in range(accum))))
+        train_batches_state = train_batches.state_dict()
+        stepper()
         iter_num += 1
         iters_since_log += 1
+        if iter_num == resume_iter + 1 and master:
+            stats["loss"].item()  # wait for the first step (compilation included)
+            print(f"first step done {time.time() - PROCESS_START:.1f} s after start", flush=True)
         if budget is not None and budget.timed(iter_num):
             max_iters = budget_iters = budget.fit(iter_num, raw_model, optimizers, ddp, dev, master)
             budget = None
 
         if iter_num % log_interval == 0 or iter_num == max_iters:
             # the only host syncs of the loop
-            n_bad, n_skipped = int(bad_steps.item()), int(skipped.item())
-            lossf, normf = loss_sum.item(), grad_norm.item()
+            n_bad, n_skipped = int(stats["bad_steps"].item()), int(stats["skipped"].item())
+            lossf, normf = stats["loss"].item(), stats["grad_norm"].item()
             dt = time.time() - t_last
             t_last, ms = time.time(), dt / iters_since_log * 1000
             iters_since_log = 0

@@ -307,3 +307,55 @@ def test_missing_key_refused():
     del state["model"]["norm.weight"]
     with pytest.raises(SystemExit, match="norm.weight"):
         Transformer.from_checkpoint(state)
+
+
+def test_chunked_lm_head_loss_and_gradients_equal_the_full_logits():
+    m = build()
+    x = torch.randint(0, 64, (3, 20))
+    y = torch.randint(0, 64, (3, 20))
+    y[1, :7] = -1  # ignored positions count for nothing
+    m(x, y)
+    m.last_loss.backward()
+    full = [p.grad.clone() for p in m.parameters()]
+    loss = m.last_loss.detach()
+    m.zero_grad()
+    assert m(x, y, return_logits=False) is None
+    (m.last_loss * 3).backward()  # the incoming gradient (1/accumulation, a loss scale) scales every gradient
+    assert torch.allclose(m.last_loss, loss, atol=1e-6)
+    for a, p in zip(full, m.parameters()):
+        assert torch.allclose(3 * a, p.grad, atol=1e-6)
+    # several chunks, and the no-grad (evaluation) path
+    h = torch.randn(2, 37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (2, 37))
+    ref = F.cross_entropy((h @ w.t()).view(-1, 50), t.view(-1))
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = model_module.linear_cross_entropy(h, w, t, chunk_elements=600)  # 5 chunks of 15 rows
+    out.backward()
+    assert torch.allclose(out, ref) and torch.allclose(h.grad, gh, atol=1e-6) and torch.allclose(w.grad, gw, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(model_module.linear_cross_entropy(h, w, t, chunk_elements=600), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_attention_with_padded_head_size_matches_cpu():
+    # head size 36 (dim 72, 2 heads, 1 kv head): CUDA pads it to 40 for its fast kernels, the CPU does not
+    m = build(dim=72, n_heads=2, n_kv_heads=1).train()
+    x = torch.randint(0, 64, (3, 32))
+    m(x, x, return_logits=False)
+    m.last_loss.backward()
+    ref = [m.last_loss.detach()] + [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        m.cuda()
+        m(x.cuda(), x.cuda(), return_logits=False)
+        m.last_loss.backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    got = [m.last_loss.detach()] + [p.grad for p in m.parameters()]
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b.cpu(), rtol=1e-4, atol=1e-6)

@@ -60,6 +60,8 @@ def check(command):
         check_settings(sample, args)
     elif script == "export.py":
         check_settings(export, args)
+    elif script == "bench.py":
+        assert len(args) <= 1 and args[:1] in ([], ["all"], ["train"], ["sample"]), command
     elif script == "preprocess.py":
         preprocess.build_parser().parse_args(args)  # exits on an unknown verb or option
     else:

@@ -509,6 +509,85 @@ def test_configs_parse():
         assert g["gradient_accumulation_steps"] >= 1 and g["max_iters"] > g["warmup_iters"]
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_captured_step_matches_the_plain_step(monkeypatch, optimizer):
+    """train.py's Stepper captured in a CUDA graph vs run eagerly: same losses and weights step by step, through a
+    changing lr, an evaluation, a batch of another shape, and a skipped non-finite step."""
+    for k, v in dict(warmup_iters=4, learning_rate=3e-3, max_iters=20, min_lr=3e-4, optimizer=optimizer).items():
+        monkeypatch.setattr(train_module, k, v)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 128, (4, 33), generator=gen) for _ in range(40)]
+    evalx = torch.randint(0, 128, (3, 33), generator=gen).cuda()
+
+    def run(capture):
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
+                                      max_seq_len=32)).cuda()
+        optimizers = train_module.build_optimizers(model, "cuda")
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        step = train_module.Stepper(model, optimizers, scaler, 2, 4, 32, "cuda", train_module.autocast_ctx(
+            "cuda", "float32", cache=not capture), 1.0, False, capture)
+        losses, evals, skipped = [], [], []
+        batches = iter(data)
+        for it in range(12):
+            train_module.set_lr(optimizers, it)  # warmup: a new lr every step
+            rows = 2 if it == 8 else 4  # iteration 8: micro-batches of another shape
+            pair = [next(batches)[:rows] for _ in range(2)]
+            step.load([b[:, :-1] for b in pair], [b[:, 1:] for b in pair])
+            poisoned = model.layers[0].feed_forward.w1.weight
+            if it == 6:  # a non-finite step (captured by now): skipped on the device, the weights stay
+                before = [p.detach().clone() for p in model.parameters()]
+                saved = poisoned.data[0, 0].item()
+                poisoned.data[0, 0] = float("inf")
+            step()
+            if it == 6:
+                poisoned.data[0, 0] = saved
+                assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            losses.append(step.stats["loss"].item())
+            skipped.append(int(step.stats["skipped"].item()))
+            if it == 5:  # evaluation between steps, on the model outside the graph
+                model.eval()
+                with torch.no_grad():
+                    model(evalx[:, :-1], evalx[:, 1:], return_logits=False)
+                evals.append(model.last_loss.item())
+                model.train()
+        assert (step.graph is not None) == capture
+        return losses, evals, skipped, [p.detach().clone() for p in model.parameters()]
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # full float32 matmuls: the two paths differ only by capture
+    try:
+        plain, captured = run(False), run(True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert not math.isfinite(plain[0][6]) and not math.isfinite(captured[0][6])
+    assert plain[2] == captured[2] == [0] * 6 + [1] * 6
+    finite = [i for i in range(12) if i != 6]
+    assert [captured[0][i] for i in finite] == pytest.approx([plain[0][i] for i in finite], rel=1e-4)
+    assert captured[1] == pytest.approx(plain[1], rel=1e-4)
+    for a, b in zip(plain[3], captured[3]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,optimizer", [("bfloat16", "adamw"), ("float16", "adamw"), ("bfloat16", "muon")])
+def test_cuda_training_end_to_end(data_dir, tmp_path, dtype, optimizer):
+    out = tmp_path / "run"  # compiled (each block once) and, in bfloat16, captured
+    common = dict(device="cuda", dtype=dtype, optimizer=optimizer, eval_interval=15, log_interval=5, compile=True)
+    r = train_cli(data_dir, out, max_iters=30, **common)
+    assert ("step: one CUDA graph" in r.stdout) == (dtype == "bfloat16"), r.stdout
+    assert "2 micro-batches of 4 merged into 1 of 8" in r.stdout and "first step done" in r.stdout
+    evals = [m for m in metrics(out) if "val_loss" in m]
+    assert [m["iter"] for m in evals] == [0, 15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    r = train_cli(data_dir, out, max_iters=45, **common)  # resumes into a new graph
+    assert "resuming from" in r.stdout and load_checkpoint(out / "ckpt.pt")["iter_num"] == 45
+    assert all(math.isfinite(m["loss"]) for m in metrics(out) if "loss" in m)
+
+
 def test_fit_iters_to_budget():
     # 100 s budget, 10 s spent at iteration 10, 1 s per step, an evaluation (with checkpoints) of 5 s every 20
     # iterations and at the end: n = 80 costs 10 + 70 + 4 evaluations (20, 40, 60, 80) = 100 s; n = 81 needs a
