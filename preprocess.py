@@ -1146,8 +1146,9 @@ class BatchStream:
         if state["world_size"] != self.world_size:
             # every rank has taken window_pos windows of this shard: keep the same share of the shard done
             self.window_pos = self.window_pos * int(state["world_size"]) // self.world_size
-            print(f"data: world size changed {state['world_size']} -> {self.world_size}; resuming at the same "
-                  "point of the epoch (windows may repeat or be skipped once)", file=sys.stderr)
+            if self.rank == 0:  # once, not once per process
+                print(f"data: world size changed {state['world_size']} -> {self.world_size}; resuming at the "
+                      "same point of the epoch (windows may repeat or be skipped once)", file=sys.stderr)
 
 
 class Task:

@@ -10,6 +10,7 @@ Settings are the globals below; configurator.py applies a config file and --key=
 Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits; run again to resume.
 """
 
+import datetime
 import io
 import json
 import math
@@ -86,6 +87,7 @@ dtype = "auto"  # "auto" (bfloat16 where supported, float16 on older GPUs, float
 compile = None  # torch.compile each block (regional compilation); None: on for CUDA, off for CPU/MPS
 cuda_graph = True  # CUDA: merge micro-batches that fit and replay the whole step as one CUDA graph; False: plain step
 seed = 1337
+ddp_timeout = 300  # seconds: under torchrun, a process that dies or hangs ends the whole job within about this long
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0: look it up from the GPU's name
 # -----------------------------------------------------------------------------
 
@@ -503,6 +505,8 @@ def check_settings():
         fail("max_iters, warmup_iters and min_lr must be >= 0, learning_rate and muon_lr > 0")
     if seed < 0:
         fail(f"--seed must be >= 0, not {seed}")
+    if ddp_timeout <= 0:
+        fail(f"--ddp_timeout must be > 0 seconds, not {ddp_timeout}")
     if max_train_seconds < 0:
         fail(f"--max_train_seconds must be >= 0 (0: no budget), not {max_train_seconds}")
     if compile is not None and not isinstance(compile, bool):
@@ -646,10 +650,15 @@ def train():
              f"processes ({world_size}); e.g. --gradient_accumulation_steps="
              f"{world_size * max(1, gradient_accumulation_steps // world_size)}")
     if ddp:
+        # a bounded wait: a collective that a dead or stuck process never joins fails after ddp_timeout seconds
+        # (NCCL's watchdog then ends the process) instead of NCCL's or gloo's default of 10-30 minutes
+        timeout = datetime.timedelta(seconds=ddp_timeout)
         if device_type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=torch.device(dev))
+            dist.init_process_group(backend="nccl", device_id=torch.device(dev), timeout=timeout)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=timeout)
+        if not master:  # one copy of every message: rank 0's (errors and warnings still go to stderr)
+            sys.stdout = open(os.devnull, "w")
     accum = gradient_accumulation_steps // world_size
     tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -934,3 +943,13 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before the loop's own handler is in place (data preparation, compilation)
         print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or dist.get_world_size() < 2:
+            raise
+        # a collective failed: another process died (its connection closed) or hung past ddp_timeout
+        ckpt = os.path.join(out_dir, "ckpt.pt")
+        saved = f"{ckpt} holds the last checkpoint" if os.path.exists(ckpt) else "no checkpoint was written yet"
+        cause = str(e).splitlines()[0].split(". ")[0][:200]
+        raise SystemExit(f"error: rank {dist.get_rank()}: lost the other processes ({cause}); stopping. {saved}; "
+                         "find why a process died or hung (its own messages above), then run the same torchrun "
+                         "command again to resume") from None

@@ -497,6 +497,41 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path):
     assert r.returncode != 0 and "must be divisible by the number of processes" in r.stderr
 
 
+def worker_pids(launcher_pid):
+    """{rank: pid} of torchrun's workers (its children that have RANK in their environment)."""
+    pids = {}
+    for child in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = dict(kv.split("=", 1) for kv in open(f"/proc/{child}/environ").read().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env:
+            pids[int(env["RANK"])] = int(child)
+    return pids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds torchrun's workers through /proc")
+def test_a_dead_rank_ends_the_job_with_a_message(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train.py", *settings(data_dir, out, max_iters=100000, eval_interval=10,
+                                                       log_interval=1, ddp_timeout=20)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and launcher.poll() is None and not (out / "ckpt.pt").exists():
+        time.sleep(0.1)
+    pids = worker_pids(launcher.pid)
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signal.SIGKILL)
+    t_kill = time.time()
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode != 0 and time.time() - t_kill < 60, output
+    assert "error: rank 0: lost the other processes" in output and "holds the last checkpoint" in output, output
+    assert "Traceback" not in output.split("error: rank 0")[0][-2000:]  # the survivor's own message, not a trace
+    ckpt = load_checkpoint(out / "ckpt.pt")  # still whole
+    assert ckpt["iter_num"] >= 10 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
 def test_configs_parse():
     names = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
     assert {"tiny.py", "shakespeare.py", "stories15M.py", "stories42M.py", "stories110M.py"} <= set(names)
