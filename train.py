@@ -829,6 +829,7 @@ def train():
     train_batches_state = train_batches.state_dict()  # the state that yields the next batch
     stats = stepper.stats  # the step's results, on the device: read only when logging
     t_last, iters_since_log, ms_per_iter = time.time(), 0, None
+    saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
     warm_iter = resume_iter + (Stepper.warmup_steps + 1 if stepper.capture else 0)  # compiled and captured
     budget = Budget(max_train_seconds, device_type, warm_iter) if max_train_seconds > 0 and budget_iters is None \
         else None
@@ -849,6 +850,7 @@ def train():
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0 and not eval_only:
                 write_checkpoint(ckpt_path)
+                saved_iter = iter_num
                 if improved and not always_save_checkpoint:
                     write_checkpoint(os.path.join(out_dir, "best.pt"))
             t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
@@ -887,9 +889,21 @@ def train():
             max_iters = budget_iters = budget.fit(iter_num, raw_model, optimizers, ddp, dev, master)
             budget = None
 
-        if iter_num % log_interval == 0 or iter_num == max_iters:
-            # the only host syncs of the loop
-            n_bad, n_skipped = int(stats["bad_steps"].item()), int(stats["skipped"].item())
+        logging = iter_num % log_interval == 0 or iter_num == max_iters
+        # max_bad_steps: the count lives on the device; read it where that costs nothing (the CPU, log iterations),
+        # else every max_bad_steps iterations: at most 2 x max_bad_steps - 1 non-finite steps before the stop
+        if logging or device_type == "cpu" or iter_num % max_bad_steps == 0:
+            n_bad = int(stats["bad_steps"].item())
+            if n_bad >= max_bad_steps:
+                held = (f"{ckpt_path} holds iteration {saved_iter} (skipped steps change no weights)"
+                        if saved_iter is not None else
+                        f"no checkpoint was written (the first was due at iteration {eval_interval})")
+                raise SystemExit(f"error: {n_bad} consecutive steps with a non-finite loss or gradient at "
+                                 f"iteration {iter_num} ({int(stats['skipped'].item())} skipped in all); {held}. "
+                                 "Lower learning_rate, or use dtype=bfloat16 instead of float16")
+        if logging:
+            # the only other host syncs of the loop
+            n_skipped = int(stats["skipped"].item())
             lossf, normf = stats["loss"].item(), stats["grad_norm"].item()
             dt = time.time() - t_last
             t_last, ms = time.time(), dt / iters_since_log * 1000
@@ -913,11 +927,6 @@ def train():
                         "lr": lr, "grad_norm": normf, "ms": ms, "tok_per_s": tok_per_s,
                         "mfu": None if math.isnan(mfu) else mfu,
                         "skipped": n_skipped})
-            if n_bad >= max_bad_steps:
-                raise SystemExit(f"error: {n_bad} consecutive steps with a non-finite loss or gradient at "
-                                 f"iteration {iter_num} ({n_skipped} skipped in all); the last good "
-                                 f"checkpoint {ckpt_path} is untouched. Lower learning_rate, or use "
-                                 "dtype=bfloat16 instead of float16")
 
     if master and not eval_only and stop.signal is None:
         evals = [r for r in history if "val_bpb" in r]

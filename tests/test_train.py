@@ -282,12 +282,19 @@ def test_nan_steps_are_skipped_and_counted(data_dir, tmp_path, monkeypatch, opti
     assert all(torch.isfinite(t).all() for t in load_checkpoint(out / "ckpt.pt")["model"].values())
 
 
-def test_persistent_nan_stops_with_the_last_checkpoint_intact(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_interval", [10, 100])
+def test_persistent_nan_stops_with_the_last_checkpoint_intact(data_dir, tmp_path, monkeypatch, eval_interval):
     out = tmp_path / "run"
     poison_forward(monkeypatch, lambda n: n > 2 * 10)  # every step after iteration 10
-    with pytest.raises(SystemExit, match="consecutive steps with a non-finite loss"):
-        in_process_train(data_dir, out, monkeypatch, max_iters=40, eval_interval=10, log_interval=1,
+    # log_interval far above max_bad_steps: the count is still checked in time (every step on the CPU)
+    with pytest.raises(SystemExit, match="consecutive steps with a non-finite loss") as e:
+        in_process_train(data_dir, out, monkeypatch, max_iters=100, eval_interval=eval_interval, log_interval=50,
                          max_bad_steps=5)
+    assert "5 consecutive steps with a non-finite loss or gradient at iteration 15" in str(e.value)
+    if eval_interval == 100:  # nothing saved yet, and the message says so
+        assert "no checkpoint was written" in str(e.value) and not (out / "ckpt.pt").exists()
+        return
+    assert f"{out / 'ckpt.pt'} holds iteration 10" in str(e.value)
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 10
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
