@@ -661,6 +661,19 @@ def _sentences(doc, limit=MAX_SENTENCE_BYTES):
         yield "".join(buf)
 
 
+def train_sentencepiece(sentences, vocab_size, num_threads=None):
+    """The bytes of a sentencepiece BPE model trained on sentences with llama2.c's settings: byte fallback, digits
+    split, text kept as it is (no normalization, whitespace kept), unk=0, bos=1, eos=2, no pad."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
+        input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    return model.getvalue()
+
+
 def _sentencepiece_error(e, vocab_size, sample_desc):
     msg = str(e)
     m = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
@@ -730,18 +743,11 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
     sample_desc = f"{n_docs} documents ({sample_chars / 1e6:.1f} MB)"
     print(f"training a {vocab_size}-piece BPE tokenizer on {sample_desc} of {corpus.description()}")
     t0 = time.time()
-    model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
-            input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+        tok = Tokenizer.from_bytes(train_sentencepiece(sample, vocab_size, num_threads))
     except RuntimeError as e:
         raise DataError(_sentencepiece_error(e, vocab_size, sample_desc)) from None
     del sample
-    tok = Tokenizer.from_bytes(model.getvalue())
 
     os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
     atomic_write(model_out, tok.model_bytes)

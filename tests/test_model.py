@@ -2,7 +2,6 @@
 
 import math
 import os
-import pickle
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import model as model_module
+from conftest import RunsCode
 from model import (ModelArgs, Transformer, apply_rope, autocast_ctx, load_checkpoint, pick_device, pick_dtype,
                    rope_tables, sample_next, save_checkpoint, checkpoint_dict)
 
@@ -300,20 +300,10 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(plain)
     evil = tmp_path / "evil.pt"
     marker = tmp_path / "pwned"
-    torch.save({"tinyllm": 1, "model": {}, "model_args": {}, "x": Payload(str(marker))}, evil)
+    torch.save({"tinyllm": 1, "model": {}, "model_args": {}, "x": RunsCode(str(marker))}, evil)
     with pytest.raises(SystemExit, match="not loaded"):
         load_checkpoint(evil)
     assert not marker.exists()
-
-
-class Payload:
-    """Unpickling this would run code (creating a file); weights_only loading must refuse it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_missing_key_refused():

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -26,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import preprocess as P  # noqa: E402
+from conftest import limited_file_size  # noqa: E402
 
 VOCAB = 400
 WORDS = ("the king queen lord lady sword crown night day love death honour speak heart blood fair noble soul "
@@ -461,16 +461,6 @@ def test_pretokenize_interrupted_leaves_old_data_intact(built, tmp_path, monkeyp
         P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.5, num_workers=2)
     assert Path(out, "meta.json").read_text() == old_meta
     assert sorted(os.listdir(tmp_path)) == [f"tok{VOCAB}"]
-
-
-def limited_file_size(limit):
-    """preexec_fn: writes beyond limit bytes fail (EFBIG), as on a full disk, inside the real program."""
-    resource = pytest.importorskip("resource")
-
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
 
 
 def test_pretokenize_on_a_full_disk_is_one_line_and_leaves_nothing(built, tmp_path):

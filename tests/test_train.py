@@ -20,7 +20,7 @@ import torch
 import train as train_module
 from configurator import configure
 from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
-from test_preprocess import limited_file_size
+from conftest import limited_file_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320
