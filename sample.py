@@ -20,8 +20,7 @@ import time
 import torch
 
 from configurator import configure, fail as setting_error  # exit code 2
-from model import Transformer, autocast_ctx, load_checkpoint, pick_device, pick_dtype
-from preprocess import Tokenizer
+from model import autocast_ctx, load_model, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 ckpt = "output/ckpt.pt"  # a checkpoint written by train.py
@@ -40,28 +39,6 @@ tokenizer = ""  # a sentencepiece .model to use instead of the one stored in the
 
 def fail(message):
     raise SystemExit(f"error: {message}")
-
-
-def load_model(ckpt_path, tokenizer_path=""):
-    """The model (on CPU, eval mode) and tokenizer of a checkpoint, or a one-line error. Returns (model, tok, ckpt)."""
-    ck = load_checkpoint(ckpt_path)  # weights_only: refuses pickled code without running it
-    model = Transformer.from_checkpoint(ck, ckpt_path).eval()
-    if tokenizer_path:
-        if not os.path.isfile(tokenizer_path):
-            fail(f"no tokenizer at --tokenizer={tokenizer_path}; give a sentencepiece .model file, or leave "
-                 "--tokenizer out to use the one stored in the checkpoint")
-        tok = Tokenizer(tokenizer_path)
-        if ck.get("tokenizer") is not None and tok.model_bytes != bytes(ck["tokenizer"]):
-            print(f"warning: {tokenizer_path} is not the tokenizer this model was trained with (the checkpoint "
-                  "holds its own; drop --tokenizer to use it)", file=sys.stderr)
-    elif ck.get("tokenizer") is not None:
-        tok = Tokenizer.from_bytes(ck["tokenizer"])
-    else:
-        fail(f"{ckpt_path} holds no tokenizer; pass the one it was trained with, e.g. --tokenizer=data/tok4096.model")
-    if tok.vocab_size != model.args.vocab_size:
-        fail(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is {model.args.vocab_size}; "
-             "pass the tokenizer the model was trained with (or drop --tokenizer to use the checkpoint's own)")
-    return model, tok, ck
 
 
 def read_prompt(start):
