@@ -267,7 +267,7 @@ class Transformer(nn.Module):
               f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
         return adamw(groups, learning_rate, betas, device_type)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
+    def estimate_mfu(self, fwdbwd_per_iter, seconds, peak_flops=None):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak dense bf16 FLOP/s.
 
         FLOPs per token are 6N + 12*L*H*Q*T (PaLM, appendix B). The peak comes from peak_flops when given, else
@@ -275,12 +275,12 @@ class Transformer(nn.Module):
         in the table), so callers print no MFU rather than a wrong one.
         """
         peak = peak_flops or device_peak_flops()
-        if not peak or dt <= 0:
+        if not peak or seconds <= 0:
             return float("nan")
         a = self.args
         L, H, Q, T = a.n_layers, a.n_heads, a.dim // a.n_heads, a.max_seq_len
         flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
-        return flops_per_token * T * fwdbwd_per_iter / dt / peak
+        return flops_per_token * T * fwdbwd_per_iter / seconds / peak
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,

@@ -136,16 +136,16 @@ def main():
         setting_error(f"--top_p must be in (0, 1] (1.0 turns it off), not {top_p}")
     text = read_prompt(start)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dtype_name = pick_dtype(dtype, dev)
     model, tok, ck = load_model(ckpt, tokenizer)
     model.to(dev)
     ids = prompt_ids(tok, text, model.args.max_seq_len)
     torch.manual_seed(seed)
     print(f"{ckpt}: iteration {ck.get('iter_num', '?')}, {model.num_params() / 1e6:.1f}M parameters, "
-          f"on {dev} in {dt}", file=sys.stderr)
+          f"on {dev} in {dtype_name}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    with autocast_ctx(dev, dt):
+    with autocast_ctx(dev, dtype_name):
         samples, first_at = stream_sample(model, tok, ids, write_stdout, max_new_tokens, temperature, top_k, top_p,
                                           num_samples)
     end = time.perf_counter()

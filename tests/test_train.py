@@ -53,8 +53,8 @@ def data_dir(tmp_path_factory):
 
 
 def settings(data_dir, out_dir, **extra):
-    s = dict(data_dir=data_dir, out_dir=str(out_dir), dataset="custom", vocab_size=VOCAB, max_seq_len=32, dim=32,
-             n_layers=2, n_heads=4, n_kv_heads=2, batch_size=4, gradient_accumulation_steps=2,
+    s = dict(data_dir=data_dir, out_dir=str(out_dir), data_source="custom", vocab_size=VOCAB, max_seq_len=32,
+             dim=32, n_layers=2, n_heads=4, n_kv_heads=2, batch_size=4, gradient_accumulation_steps=2,
              learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, max_iters=40, eval_interval=20, eval_iters=4,
              log_interval=5, device="cpu", compile=False)
     s.update(extra)
@@ -91,7 +91,10 @@ def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
 
 def test_metrics_schema(data_dir, tmp_path):
     out = tmp_path / "run"
-    train_cli(data_dir, out, max_iters=10, eval_interval=10, log_interval=5)
+    # also: the old name of keep_best, in its old (opposite) sense, still works with a one-line note
+    r = train_cli(data_dir, out, max_iters=10, eval_interval=10, log_interval=5, always_save_checkpoint=True)
+    assert "note: --always_save_checkpoint is now --keep_best=False" in r.stderr.splitlines()
+    assert (out / "ckpt.pt").exists() and not (out / "best.pt").exists()
     records = metrics(out)
     logs = [m for m in records if "loss" in m]
     evals = [m for m in records if "val_loss" in m]
@@ -425,6 +428,20 @@ def test_eval_iters_beyond_the_val_split_is_noted(data_dir, tmp_path):
     r = train_cli(data_dir, tmp_path / "run", max_iters=0, eval_iters=4, batch_size=32)
     assert "= 128 windows of 33 tokens, but the val split holds only 99" in r.stderr and "--eval_iters=3" in r.stderr
     assert "the train split" not in r.stderr
+
+
+def test_missing_data_names_the_commands_for_its_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "data_dir", str(tmp_path))
+    monkeypatch.setattr(train_module, "vocab_size", 512)
+    for source, fragment in (("tinystories", "`python preprocess.py download tinystories`, then `python preprocess.py "
+                                             "train_vocab --vocab_size=512 --input data/raw/tinystories"),
+                             ("mine", "make it with `python preprocess.py train_vocab --vocab_size=512 --input "
+                                      "YOUR_TEXT_FILES")):
+        monkeypatch.setattr(train_module, "data_source", source)
+        with pytest.raises(SystemExit, match="error: no tokenized data in") as e:
+            train_module.ensure_data(master=True)
+        assert fragment in str(e.value)
+    assert os.listdir(tmp_path) == []  # only "shakespeare" is prepared automatically
 
 
 def test_mismatched_shards_error_names_the_command_that_fixes_them(tmp_path):
