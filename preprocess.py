@@ -845,14 +845,16 @@ def _chunks(corpus, chunk_chars=CHUNK_CHARS):
         yield docs
 
 
-def _shards_intact(shard_dir, meta):
+def _bad_shard(shard_dir, meta, splits=SPLITS):
+    """(path, tokens) of the first shard of these splits that is missing or not as long as meta.json says; None
+    when all are intact."""
     itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
+    for split in splits:
         for name, n in meta["splits"][split]["shards"].items():
             path = os.path.join(shard_dir, name)
-            if not os.path.isfile(path) or os.path.getsize(path) != n * itemsize:
-                return False
-    return True
+            if not os.path.isfile(path) or os.path.getsize(path) != int(n) * itemsize:
+                return path, int(n)
+    return None
 
 
 def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRACTION, shard_tokens=SHARD_TOKENS,
@@ -870,7 +872,7 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     old = _read_json(os.path.join(shard_dir, "meta.json"))
     try:
-        if old and all(old.get(k) == v for k, v in settings.items()) and _shards_intact(shard_dir, old):
+        if old and all(old.get(k) == v for k, v in settings.items()) and _bad_shard(shard_dir, old) is None:
             print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
                   f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
             return shard_dir
@@ -991,14 +993,13 @@ def _make_command(data_dir, vocab_size, inputs=None):
     return " && ".join(f"python preprocess.py {s}" for s in steps + [f"pretokenize {flag}"])
 
 
-def load_meta(shard_dir):
-    """meta.json of a pretokenized folder, or a one-line exit saying how to make it."""
+def load_meta(data_dir, vocab_size):
+    """meta.json of the pretokenized folder data_dir/tok{vocab_size}/, or a one-line exit saying how to make it."""
+    shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
     path = os.path.join(shard_dir, "meta.json")
     if not os.path.exists(path):
-        m = re.search(r"tok(\d+)$", os.path.normpath(str(shard_dir)))
-        how = (f"`{_make_command(os.path.dirname(os.path.normpath(str(shard_dir))) or '.', m.group(1))}`" if m
-               else "`python preprocess.py pretokenize --vocab_size=N`")
-        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {how}")
+        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with "
+                         f"`{_make_command(data_dir, vocab_size)}`")
     meta = _read_json(path)
     if not isinstance(meta, dict) or not all(k in meta for k in ("vocab_size", "dtype", "splits", "tokenizer_sha256")):
         raise SystemExit(f"{path} is damaged or not from tinyllm: delete {shard_dir} and run pretokenize again")
@@ -1031,7 +1032,7 @@ class BatchStream:
             raise SystemExit(f"rank {rank} is not in [0, world_size={world_size})")
 
         self.shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
-        meta = load_meta(self.shard_dir)
+        meta = load_meta(data_dir, vocab_size)
         fix = f"run `{_make_command(data_dir, vocab_size, meta.get('inputs'))}`"
         if meta["vocab_size"] != vocab_size:
             raise SystemExit(f"{self.shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
@@ -1042,18 +1043,16 @@ class BatchStream:
         try:
             self.dtype = np.dtype(meta["dtype"])
             split_shards = {str(k): int(v) for k, v in meta["splits"][split]["shards"].items()}
+            bad = _bad_shard(self.shard_dir, meta, [split])
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SystemExit(f"{self.shard_dir}/meta.json is damaged or not from tinyllm: delete {self.shard_dir} "
                              f"and {fix}") from None
+        if bad:
+            raise SystemExit(f"{bad[0]} is missing or not {bad[1]} tokens long (interrupted or edited?): delete "
+                             f"{self.shard_dir} and {fix}")
         window = self.max_seq_len + 1
-        self.shards = []  # (path, tokens) of shards that hold at least one window
-        for name, n in split_shards.items():
-            path = os.path.join(self.shard_dir, name)
-            if not os.path.isfile(path) or os.path.getsize(path) != n * self.dtype.itemsize:
-                raise SystemExit(f"{path} is missing or not {n} tokens long (interrupted or edited?): delete "
-                                 f"{self.shard_dir} and {fix}")
-            if n >= window:
-                self.shards.append((path, n))  # a shorter tail shard can't hold one window: it is skipped
+        # (path, tokens) of the shards that hold at least one window: a shorter tail shard is skipped
+        self.shards = [(os.path.join(self.shard_dir, name), n) for name, n in split_shards.items() if n >= window]
         if not split_shards:
             raise SystemExit(f"{self.shard_dir} has no {split} shards: {fix}")
         if not self.shards:

@@ -682,7 +682,7 @@ def train():
     if ddp:
         dist.barrier()
     tokenizer = Tokenizer(os.path.join(data_dir, f"tok{vocab_size}.model"))
-    meta = load_meta(os.path.join(data_dir, f"tok{vocab_size}"))
+    meta = load_meta(data_dir, vocab_size)
     tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
 
     def batches(split, state=None, stream_seed=seed, on=dev):

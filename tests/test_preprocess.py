@@ -73,6 +73,10 @@ def write_corpus(root: Path, seed=0):
     return paras, jl, st, zh, eot
 
 
+def meta_of(shard_dir):
+    return json.loads(Path(shard_dir, "meta.json").read_text(encoding="utf-8"))
+
+
 def read_all(inputs, **kw):
     return list(P.Corpus(inputs, **kw))
 
@@ -378,7 +382,7 @@ def split_docs(ids, bos, eos):
 def test_pretokenize_meta_and_shards(built):
     shard_dir, tok = built["shard_dir"], P.Tokenizer(built["model"])
     assert shard_dir == os.path.join(built["data_dir"], f"tok{VOCAB}")
-    meta = P.load_meta(shard_dir)
+    meta = meta_of(shard_dir)
     assert meta["vocab_size"] == VOCAB and meta["dtype"] == "uint16"
     assert (meta["bos_id"], meta["eos_id"]) == (1, 2)
     assert meta["tokenizer"] == built["model"] and meta["tokenizer_sha256"] == tok.sha256
@@ -412,14 +416,14 @@ def test_pretokenize_is_deterministic_and_idempotent(built, tmp_path, capsys):
     assert os.stat(meta_path).st_mtime_ns == before
     # the same run elsewhere, in one process and with other shard sizes, gives the same token streams
     other = P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.1, shard_tokens=10**6, num_workers=1)
-    m1, m2 = P.load_meta(built["shard_dir"]), P.load_meta(other)
+    m1, m2 = meta_of(built["shard_dir"]), meta_of(other)
     for split in ("train", "val"):
         assert np.array_equal(read_split(built["shard_dir"], m1, split), read_split(other, m2, split))
     # a changed setting redoes the work
     capsys.readouterr()
     P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.3, shard_tokens=10**6, num_workers=1)
     assert "up to date" not in capsys.readouterr().out
-    assert P.load_meta(other)["splits"]["val"]["documents"] > m2["splits"]["val"]["documents"]
+    assert meta_of(other)["splits"]["val"]["documents"] > m2["splits"]["val"]["documents"]
     assert sorted(os.listdir(tmp_path)) == [f"tok{VOCAB}"]  # no .partial/.old folders left behind
 
 
@@ -428,7 +432,7 @@ def test_pretokenize_duplicates_share_a_split(built, tmp_path):
     (tmp_path / "dup.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     out = P.pretokenize(built["model"], P.Corpus([tmp_path / "dup.jsonl"]), str(tmp_path / "d"), val_fraction=0.2,
                         num_workers=1)
-    meta, tok = P.load_meta(out), P.Tokenizer(built["model"])
+    meta, tok = meta_of(out), P.Tokenizer(built["model"])
     val = {tok.decode(d) for d in split_docs(read_split(out, meta, "val"), 1, 2)}
     train = {tok.decode(d) for d in split_docs(read_split(out, meta, "train"), 1, 2)}
     assert val and train and not (val & train)  # no train/val leakage through repeated documents
@@ -439,7 +443,7 @@ def test_pretokenize_tiny_corpus_still_gets_a_val_document(built, tmp_path):
     f = tmp_path / "three.jsonl"
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one fair day", "two fair days", "three"]))
     out = P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "d"), val_fraction=0.0, num_workers=1)
-    meta = P.load_meta(out)
+    meta = meta_of(out)
     assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (2, 1)
     assert list(meta["splits"]["val"]["shards"]) == ["val_000.bin"]
     f.write_text(json.dumps({"text": "alone"}) + "\n")
@@ -501,7 +505,7 @@ def batches(n, **kw):
 
 
 def test_batches_shape_dtype_shift(built):
-    meta = P.load_meta(built["shard_dir"])
+    meta = meta_of(built["shard_dir"])
     shards = [np.fromfile(os.path.join(built["shard_dir"], n), dtype=np.uint16).astype(np.int64)
               for n in meta["splits"]["train"]["shards"]]
     stream, bs = batches(3, data_dir=built["data_dir"])
@@ -556,7 +560,7 @@ def epoch_rows(data_dir, rank, world_size):
 def test_ranks_split_one_epoch_between_them(built):
     whole = epoch_rows(built["data_dir"], 0, 1)
     r0, r1 = epoch_rows(built["data_dir"], 0, 2), epoch_rows(built["data_dir"], 1, 2)
-    n_shards = len(P.load_meta(built["shard_dir"])["splits"]["train"]["shards"])
+    n_shards = len(meta_of(built["shard_dir"])["splits"]["train"]["shards"])
     assert len(set(whole)) == len(whole) > 500  # no window twice in an epoch
     assert len(r0) == len(r1) and not set(r0) & set(r1)  # ranks stay in step on disjoint windows
     assert set(r0) | set(r1) <= set(whole) and len(r0) + len(r1) >= len(whole) - n_shards  # at most 1 dropped a shard
@@ -792,7 +796,7 @@ def test_cli_end_to_end_and_errors(built, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = cli("pretokenize", "--vocab_size=380", "--data_dir", data, "--val_fraction=0.2")
     assert proc.returncode == 0, proc.stderr
-    assert P.load_meta(data / "tok380")["splits"]["val"]["documents"] > 0
+    assert meta_of(data / "tok380")["splits"]["val"]["documents"] > 0
     # errors: one line, no traceback, nothing written
     assert_clean_failure(cli("pretokenize", "--vocab_size=512", "--data_dir", data),
                          "train_vocab --vocab_size=512")
