@@ -8,7 +8,8 @@ The tinyllm model: a Llama-style Transformer, readable top to bottom.
 
 Pieces: RMSNorm, rotary position embeddings (RoPE), grouped-query attention through PyTorch's
 scaled_dot_product_attention, a SwiGLU feed-forward, tied input/output embeddings, and a KV cache for generation.
-Below the model live the few helpers every script shares: device/dtype selection and checkpoint save/load.
+Below the model live the few helpers every script shares: device/dtype selection, checkpoint save/load, and
+load_model (a checkpoint's model and tokenizer, for sample.py and export.py).
 """
 
 import math

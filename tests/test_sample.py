@@ -1,5 +1,5 @@
 """sample.py: streamed sampling from a checkpoint — greedy equals the cache-less model, EOS, top-k/top-p, prompts,
-the tokenizer inside the checkpoint, and one-line errors. Uses a tiny tokenizer and model trained here."""
+the tokenizer inside the checkpoint, and one-line errors. Uses the tiny tokenizer and model of conftest.py."""
 
 import copy
 import os
