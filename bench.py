@@ -154,7 +154,7 @@ def bench_first_step(device) -> list[dict]:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"))
         for kind in ("cold", "warm"):
             out = os.path.join(tmp, f"out_{kind}")
-            args = [f"--data_dir={data}", "--dataset=custom", f"--out_dir={out}", f"--vocab_size={vocab}",
+            args = [f"--data_dir={data}", "--data_source=custom", f"--out_dir={out}", f"--vocab_size={vocab}",
                     f"--device={device}", "--max_iters=5", "--warmup_iters=1", "--eval_iters=1", "--log_interval=1"]
             t0 = time.time()
             r = subprocess.run([sys.executable, os.path.join(here, "train.py"), *args], env=env,

@@ -12,6 +12,9 @@ the type must match the default's (an int is accepted for a float; a bool only f
 The calling script does:
     from configurator import configure
     configure(globals(), sys.argv[1:])
+A renamed setting keeps working under its old name for a while: the script lists it in a global
+DEPRECATED = {"old_name": ("new_name", convert)}, and configure applies convert(old value) to the new name with a
+one-line note on stderr (`note: --old_name is now --new_name=value`).
 Mistakes end the program with one line naming the problem and the fix, exit code 2; the scripts' own checks of
 setting values use the same fail() (train.py, sample.py, export.py, model.py's device and dtype choice).
 """
@@ -85,6 +88,16 @@ def parse_value(text, default):
         return text
 
 
+def renamed(key, value, g, where=""):
+    """(new key, new value) for a deprecated setting name, with the one-line note; (key, value) otherwise."""
+    if key not in g.get("DEPRECATED", {}):
+        return key, value
+    new, convert = g["DEPRECATED"][key]
+    value = convert(value)
+    print(f"note: --{key}{where} is now --{new}={value!r}", file=sys.stderr)
+    return new, value
+
+
 def apply_config_file(path, g, known):
     if not os.path.isfile(path):
         here = sorted(f for f in os.listdir("configs") if f.endswith(".py")) if os.path.isdir("configs") else []
@@ -103,6 +116,7 @@ def apply_config_file(path, g, known):
     for key, value in scope.items():
         if key.startswith("_") or not isinstance(value, SETTING_TYPES) or (key in known and value is g[key]):
             continue  # helpers a config file imports or defines are not settings
+        key, value = renamed(key, value, g, f" (in {path})")
         if key not in known:
             unknown(key, known, f" in {path}")
         updates[key] = checked(key, value, g[key], f" (in {path})")
@@ -146,9 +160,14 @@ def configure(g, argv):
         if not arg.startswith("--") or "=" not in arg:
             fail(f"malformed argument '{arg}'; use --key=value (e.g. --batch_size=32) or a config file path")
         key, text = arg[2:].split("=", 1)
-        if key not in known and key.replace("-", "_") in known:
+        deprecated = g.get("DEPRECATED", {})
+        if key not in known and key not in deprecated and key.replace("-", "_") in (*known, *deprecated):
             key = key.replace("-", "_")  # --tokenizer-out for tokenizer_out, as command-line habit has it
-        if key not in known:
+        if key in deprecated:
+            key, value = renamed(key, parse_value(text, g[deprecated[key][0]]), g)
+        elif key not in known:
             unknown(key, known, "")
-        g[key] = changed[key] = checked(key, parse_value(text, g[key]), g[key])
+        else:
+            value = parse_value(text, g[key])
+        g[key] = changed[key] = checked(key, value, g[key])
     return changed

@@ -35,9 +35,8 @@ import tempfile
 import torch
 
 from configurator import configure, fail  # setting errors: one line, exit code 2
-from model import DTYPES
+from model import DTYPES, load_model
 from preprocess import atomic_write
-from sample import load_model
 
 # -----------------------------------------------------------------------------
 ckpt = "output/ckpt.pt"  # a checkpoint written by train.py

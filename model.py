@@ -8,12 +8,14 @@ The tinyllm model: a Llama-style Transformer, readable top to bottom.
 
 Pieces: RMSNorm, rotary position embeddings (RoPE), grouped-query attention through PyTorch's
 scaled_dot_product_attention, a SwiGLU feed-forward, tied input/output embeddings, and a KV cache for generation.
-Below the model live the few helpers every script shares: device/dtype selection and checkpoint save/load.
+Below the model live the few helpers every script shares: device/dtype selection, checkpoint save/load, and
+load_model (a checkpoint's model and tokenizer, for sample.py and export.py).
 """
 
 import math
 import os
 import pickle
+import sys
 import time
 import zipfile
 from contextlib import nullcontext
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import fail
-from preprocess import atomic_write
+from preprocess import Tokenizer, atomic_write
 
 
 @dataclass
@@ -266,7 +268,7 @@ class Transformer(nn.Module):
               f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
         return adamw(groups, learning_rate, betas, device_type)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
+    def estimate_mfu(self, fwdbwd_per_iter, seconds, peak_flops=None):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak dense bf16 FLOP/s.
 
         FLOPs per token are 6N + 12*L*H*Q*T (PaLM, appendix B). The peak comes from peak_flops when given, else
@@ -274,12 +276,12 @@ class Transformer(nn.Module):
         in the table), so callers print no MFU rather than a wrong one.
         """
         peak = peak_flops or device_peak_flops()
-        if not peak or dt <= 0:
+        if not peak or seconds <= 0:
             return float("nan")
         a = self.args
         L, H, Q, T = a.n_layers, a.n_heads, a.dim // a.n_heads, a.max_seq_len
         flops_per_token = 6 * self.num_params() + 12 * L * H * Q * T
-        return flops_per_token * T * fwdbwd_per_iter / dt / peak
+        return flops_per_token * T * fwdbwd_per_iter / seconds / peak
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
@@ -787,7 +789,7 @@ def autocast_ctx(device, dtype, cache=True):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one format for train.py (writes), sample.py and export.py (read)
+# checkpoints: one format for train.py (writes), sample.py and export.py (read, with load_model)
 
 def save_checkpoint(ckpt, path):
     """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was (and no partial
@@ -829,3 +831,28 @@ def checkpoint_dict(model, model_args, **extra):
     # torch.compile wraps the model: strip its prefix so checkpoints load into a plain Transformer
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     return {"tinyllm": 1, "model": state, "model_args": asdict(model_args), **extra}
+
+
+def load_model(ckpt_path, tokenizer_path=""):
+    """The model (on CPU, eval mode) and tokenizer of a checkpoint, or a one-line error. Returns (model, tok, ckpt).
+    The tokenizer is the one stored in the checkpoint, or tokenizer_path (a sentencepiece .model) when given."""
+    ck = load_checkpoint(ckpt_path)  # weights_only: refuses pickled code without running it
+    model = Transformer.from_checkpoint(ck, ckpt_path).eval()
+    if tokenizer_path:
+        if not os.path.isfile(tokenizer_path):
+            raise SystemExit(f"error: no tokenizer at --tokenizer={tokenizer_path}; give a sentencepiece .model file, "
+                             "or leave --tokenizer out to use the one stored in the checkpoint")
+        tok = Tokenizer(tokenizer_path)
+        if ck.get("tokenizer") is not None and tok.model_bytes != bytes(ck["tokenizer"]):
+            print(f"warning: {tokenizer_path} is not the tokenizer this model was trained with (the checkpoint "
+                  "holds its own; drop --tokenizer to use it)", file=sys.stderr)
+    elif ck.get("tokenizer") is not None:
+        tok = Tokenizer.from_bytes(ck["tokenizer"])
+    else:
+        raise SystemExit(f"error: {ckpt_path} holds no tokenizer; pass the one it was trained with, e.g. "
+                         "--tokenizer=data/tok4096.model")
+    if tok.vocab_size != model.args.vocab_size:
+        raise SystemExit(f"error: the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+                         f"{model.args.vocab_size}; pass the tokenizer the model was trained with (or drop "
+                         "--tokenizer to use the checkpoint's own)")
+    return model, tok, ck

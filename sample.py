@@ -20,8 +20,7 @@ import time
 import torch
 
 from configurator import configure, fail as setting_error  # exit code 2
-from model import Transformer, autocast_ctx, load_checkpoint, pick_device, pick_dtype
-from preprocess import Tokenizer
+from model import autocast_ctx, load_model, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 ckpt = "output/ckpt.pt"  # a checkpoint written by train.py
@@ -40,28 +39,6 @@ tokenizer = ""  # a sentencepiece .model to use instead of the one stored in the
 
 def fail(message):
     raise SystemExit(f"error: {message}")
-
-
-def load_model(ckpt_path, tokenizer_path=""):
-    """The model (on CPU, eval mode) and tokenizer of a checkpoint, or a one-line error. Returns (model, tok, ckpt)."""
-    ck = load_checkpoint(ckpt_path)  # weights_only: refuses pickled code without running it
-    model = Transformer.from_checkpoint(ck, ckpt_path).eval()
-    if tokenizer_path:
-        if not os.path.isfile(tokenizer_path):
-            fail(f"no tokenizer at --tokenizer={tokenizer_path}; give a sentencepiece .model file, or leave "
-                 "--tokenizer out to use the one stored in the checkpoint")
-        tok = Tokenizer(tokenizer_path)
-        if ck.get("tokenizer") is not None and tok.model_bytes != bytes(ck["tokenizer"]):
-            print(f"warning: {tokenizer_path} is not the tokenizer this model was trained with (the checkpoint "
-                  "holds its own; drop --tokenizer to use it)", file=sys.stderr)
-    elif ck.get("tokenizer") is not None:
-        tok = Tokenizer.from_bytes(ck["tokenizer"])
-    else:
-        fail(f"{ckpt_path} holds no tokenizer; pass the one it was trained with, e.g. --tokenizer=data/tok4096.model")
-    if tok.vocab_size != model.args.vocab_size:
-        fail(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is {model.args.vocab_size}; "
-             "pass the tokenizer the model was trained with (or drop --tokenizer to use the checkpoint's own)")
-    return model, tok, ck
 
 
 def read_prompt(start):
@@ -159,16 +136,16 @@ def main():
         setting_error(f"--top_p must be in (0, 1] (1.0 turns it off), not {top_p}")
     text = read_prompt(start)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dtype_name = pick_dtype(dtype, dev)
     model, tok, ck = load_model(ckpt, tokenizer)
     model.to(dev)
     ids = prompt_ids(tok, text, model.args.max_seq_len)
     torch.manual_seed(seed)
     print(f"{ckpt}: iteration {ck.get('iter_num', '?')}, {model.num_params() / 1e6:.1f}M parameters, "
-          f"on {dev} in {dt}", file=sys.stderr)
+          f"on {dev} in {dtype_name}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    with autocast_ctx(dev, dt):
+    with autocast_ctx(dev, dtype_name):
         samples, first_at = stream_sample(model, tok, ids, write_stdout, max_new_tokens, temperature, top_k, top_p,
                                           num_samples)
     end = time.perf_counter()

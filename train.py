@@ -44,13 +44,14 @@ eval_interval = 2000  # evaluate and write out_dir/ckpt.pt every this many itera
 log_interval = 1
 eval_iters = 100  # batches per split for each evaluation
 eval_only = False  # evaluate once and exit
-always_save_checkpoint = False  # False: also keep the best-val model as out_dir/best.pt
+keep_best = True  # also keep the model with the best val loss so far as out_dir/best.pt
 init_from = "auto"  # "scratch", "resume" (from out_dir/ckpt.pt) or "auto" (resume when ckpt.pt exists)
 wandb_log = False
 wandb_project = "tinyllm"
 wandb_run_name = "run"
 # data
-dataset = "shakespeare"  # only the default corpus is prepared automatically when its shards are missing
+data_source = "shakespeare"  # what data_dir's shards are made from, for when they are missing: "shakespeare" is
+# downloaded and prepared then; "tinystories" or anything else (your own text) gets the commands that make them
 data_dir = "data"  # holds tok{vocab_size}.model and the tok{vocab_size}/ shards
 batch_size = 8  # micro-batch size (per process)
 max_seq_len = 256
@@ -90,6 +91,11 @@ seed = 1337
 ddp_timeout = 300  # seconds: under torchrun, a process that dies or hangs ends the whole job within about this long
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0: look it up from the GPU's name
 # -----------------------------------------------------------------------------
+# old names still accepted, with a one-line note (configurator.py): old name -> (new name, old value -> new value)
+DEPRECATED = {
+    "always_save_checkpoint": ("keep_best", lambda v: not v if isinstance(v, bool) else v),  # it only decided best.pt
+    "dataset": ("data_source", lambda v: v),  # it selected no data (data_dir does)
+}
 
 
 def lr_at(it):
@@ -290,7 +296,7 @@ class Stepper:
         self.steps += 1
 
 
-def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, ptdtype, grad_clip, ddp, fast):
+def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, dtype_name, grad_clip, ddp, fast):
     """The Stepper for this run and the banner line that says which path it takes and why."""
     raw_model = model.module if ddp else model
     device_type = torch.device(device).type
@@ -303,7 +309,7 @@ def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, 
             ("not yet under DDP", ddp),
             ("float16's GradScaler checks for overflow on the host", scaler.is_enabled())) if blocks]
     capture = not why_not
-    ctx = autocast_ctx(device, ptdtype, cache=not capture)
+    ctx = autocast_ctx(device, dtype_name, cache=not capture)
     stepper = Stepper(model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, ddp, capture)
     line = ("step: one CUDA graph (captured after %d warm-up steps)" % Stepper.warmup_steps if capture
             else "step: plain (not captured: %s)" % "; ".join(why_not))
@@ -360,9 +366,9 @@ def ensure_data(master):
     tokenizer_path = os.path.join(data_dir, f"tok{vocab_size}.model")
     if os.path.exists(os.path.join(shard_dir, "meta.json")) and os.path.exists(tokenizer_path):
         return
-    if dataset != "shakespeare":
-        raw = "data/raw/tinystories" if dataset == "tinystories" else "YOUR_TEXT_FILES"
-        download = "`python preprocess.py download tinystories`, then " if dataset == "tinystories" else ""
+    if data_source != "shakespeare":
+        raw = "data/raw/tinystories" if data_source == "tinystories" else "YOUR_TEXT_FILES"
+        download = "`python preprocess.py download tinystories`, then " if data_source == "tinystories" else ""
         raise SystemExit(f"error: no tokenized data in {shard_dir}; make it with {download}`python preprocess.py "
                          f"train_vocab --vocab_size={vocab_size} --input {raw} --data_dir {data_dir}` and the same "
                          "with pretokenize (see README.md)")
@@ -644,7 +650,7 @@ def train():
         dev = f"cuda:{local_rank}"
         torch.cuda.set_device(dev)
     device_type = dev.split(":")[0]
-    ptdtype = pick_dtype(dtype, dev)
+    dtype_name = pick_dtype(dtype, dev)
     if gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of "
              f"processes ({world_size}); e.g. --gradient_accumulation_steps="
@@ -676,7 +682,7 @@ def train():
     if ddp:
         dist.barrier()
     tokenizer = Tokenizer(os.path.join(data_dir, f"tok{vocab_size}.model"))
-    meta = load_meta(os.path.join(data_dir, f"tok{vocab_size}"))
+    meta = load_meta(data_dir, vocab_size)
     tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
 
     def batches(split, state=None, stream_seed=seed, on=dev):
@@ -702,7 +708,7 @@ def train():
     model = Transformer.from_checkpoint(ckpt, ckpt_path) if ckpt is not None else Transformer(model_args)
     model.to(dev)
     optimizers = build_optimizers(model, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == "float16")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     iter_num, best_val_loss, data_state = 0, float("inf"), None
     budget_iters = None  # max_iters as the budget fixed it (None: no budget, or not fixed yet)
     if ckpt is not None:
@@ -749,8 +755,8 @@ def train():
                   "running without it")
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    ctx = autocast_ctx(dev, ptdtype)  # evaluation's
-    stepper, step_line = make_stepper(model, optimizers, scaler, accum, batch_size, max_seq_len, dev, ptdtype,
+    ctx = autocast_ctx(dev, dtype_name)  # evaluation's
+    stepper, step_line = make_stepper(model, optimizers, scaler, accum, batch_size, max_seq_len, dev, dtype_name,
                                       grad_clip, ddp, cuda_graph)
 
     train_batches = batches("train", state=data_state, on="cpu")  # the stepper copies them to the device
@@ -818,7 +824,7 @@ def train():
               f"context {max_seq_len}, vocab {vocab_size}")
         print(f"data: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} val "
               f"tokens in {data_dir}/tok{vocab_size}")
-        print(f"device {dev}, dtype {ptdtype}, {world_size} process(es), compile {use_compile}"
+        print(f"device {dev}, dtype {dtype_name}, {world_size} process(es), compile {use_compile}"
               + (" (each block once)" if use_compile else ""))
         print(f"tokens per iteration: {tokens_per_iter:,} = {gradient_accumulation_steps} accumulation x "
               f"{batch_size} batch x {max_seq_len} tokens (over {world_size} processes)")
@@ -851,7 +857,7 @@ def train():
             if iter_num > 0 and not eval_only:
                 write_checkpoint(ckpt_path)
                 saved_iter = iter_num
-                if improved and not always_save_checkpoint:
+                if improved and keep_best:
                     write_checkpoint(os.path.join(out_dir, "best.pt"))
             t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
             if budget is not None:
@@ -905,8 +911,8 @@ def train():
             # the only other host syncs of the loop
             n_skipped = int(stats["skipped"].item())
             lossf, normf = stats["loss"].item(), stats["grad_norm"].item()
-            dt = time.time() - t_last
-            t_last, ms = time.time(), dt / iters_since_log * 1000
+            elapsed = time.time() - t_last
+            t_last, ms = time.time(), elapsed / iters_since_log * 1000
             iters_since_log = 0
             first_estimate = ms_per_iter is None
             if iter_num - resume_iter > 2:  # skip the first steps (compile, allocator warm-up) in the averages

@@ -4,7 +4,7 @@
 # there, and best.pt keeps the checkpoint with the lowest val loss.
 #   python train.py configs/shakespeare.py
 out_dir = "output/shakespeare"
-dataset = "shakespeare"
+data_source = "shakespeare"
 vocab_size = 4096
 max_seq_len = 512
 dim = 512
@@ -21,4 +21,4 @@ max_iters = 600
 eval_interval = 100
 eval_iters = 50
 log_interval = 25
-always_save_checkpoint = False
+keep_best = True

@@ -3,7 +3,7 @@
 # Prepare the data as described in configs/stories15M.py, then:
 #   torchrun --standalone --nproc_per_node=8 train.py configs/stories110M.py
 out_dir = "output/stories110M"
-dataset = "tinystories"
+data_source = "tinystories"
 data_dir = "data/tinystories"
 vocab_size = 32000
 max_seq_len = 1024

@@ -6,7 +6,7 @@
 #   python preprocess.py pretokenize --vocab_size=32000 --input data/raw/tinystories --data_dir data/tinystories
 #   python train.py configs/stories15M.py      (or torchrun --standalone --nproc_per_node=N train.py ...)
 out_dir = "output/stories15M"
-dataset = "tinystories"
+data_source = "tinystories"
 data_dir = "data/tinystories"
 vocab_size = 32000
 max_seq_len = 256

@@ -3,7 +3,7 @@
 # Prepare the data as described in configs/stories15M.py, then:
 #   python train.py configs/stories42M.py
 out_dir = "output/stories42M"
-dataset = "tinystories"
+data_source = "tinystories"
 data_dir = "data/tinystories"
 vocab_size = 32000
 max_seq_len = 1024

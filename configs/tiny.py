@@ -7,7 +7,7 @@
 # Muon (for the hidden matrices) learns markedly faster per step than AdamW. Chosen from 44 runs, each given the
 # steps that fit 170 s on a slow (AVX2) and a fast (AVX512-BF16) 2-core CPU.
 out_dir = "output"
-dataset = "shakespeare"
+data_source = "shakespeare"
 vocab_size = 2048
 max_seq_len = 128
 dim = 96

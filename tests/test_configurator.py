@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from configurator import configure
+from configurator import configure, settings_of
 
 
 def defaults():
@@ -109,7 +109,7 @@ def test_errors_from_a_real_script_have_no_traceback(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(__import__('os').getcwd())!r})
-        from configurator import configure
+        from configurator import configure, settings_of
         batch_size = 8
         configure(globals(), sys.argv[1:])
         print("batch_size", batch_size)
@@ -142,3 +142,22 @@ def test_space_form_keeps_checks(capsys):
     assert "malformed argument '--out_dir'" in err
     err, _ = run_configure(["--batch-sise", "3"], capsys)
     assert "unknown setting --batch-sise; did you mean --batch_size?" in err
+
+
+def test_renamed_settings_take_their_old_names_with_a_note(tmp_path, capsys):
+    g = {**defaults(), "keep_best": True, "data_source": "shakespeare",
+         "DEPRECATED": {"always_save_checkpoint": ("keep_best", lambda v: not v if isinstance(v, bool) else v),
+                        "dataset": ("data_source", lambda v: v)}}
+    changed = configure(g, ["--always-save-checkpoint", "True", "--dataset=tinystories"])
+    assert changed == {"keep_best": False, "data_source": "tinystories"} and g["keep_best"] is False
+    assert capsys.readouterr().err.splitlines() == ["note: --always_save_checkpoint is now --keep_best=False",
+                                                    "note: --dataset is now --data_source='tinystories'"]
+    cfg = tmp_path / "old.py"
+    cfg.write_text("always_save_checkpoint = False\n")
+    configure(g, [str(cfg)])
+    assert g["keep_best"] is True and "always_save_checkpoint" not in g
+    assert capsys.readouterr().err == f"note: --always_save_checkpoint (in {cfg}) is now --keep_best=True\n"
+    with pytest.raises(SystemExit):  # the new name's type still holds
+        configure(g, ["--always_save_checkpoint=1"])
+    assert "error: --keep_best must be True or False, not 1" in capsys.readouterr().err
+    assert "DEPRECATED" not in settings_of(g)

@@ -17,10 +17,8 @@ import torch
 
 import export
 import sample
-from configurator import configure
 from model import ModelArgs, Transformer, save_checkpoint
-from test_preprocess import limited_file_size
-from test_sample import make_checkpoint
+from conftest import limited_file_size, make_checkpoint, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,15 +53,8 @@ def have(*modules):
     return True
 
 
-def run_main(argv):
-    """export.py's command line, in this process (fresh settings each time)."""
-    mod = importlib.reload(export)
-    configure(vars(mod), argv)
-    mod.main()
-
-
 def export_hf(ckpt, out, dtype="float32"):
-    run_main(["--ckpt", ckpt, "--format", "hf", "--out", str(out), f"--dtype={dtype}"])
+    run_main(export, ["--ckpt", ckpt, "--format", "hf", "--out", str(out), f"--dtype={dtype}"])
     return out
 
 
@@ -157,7 +148,7 @@ GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def export_gguf(ckpt, out, dtype="f32"):
-    run_main(["--ckpt", ckpt, "--format", "gguf", "--out", str(out), f"--dtype={dtype}"])
+    run_main(export, ["--ckpt", ckpt, "--format", "gguf", "--out", str(out), f"--dtype={dtype}"])
     return out
 
 
@@ -324,7 +315,7 @@ def read_llama2c(path):
 def test_llama2c_bin_round_trips_to_identical_logits(world, tmp_path):
     m = world["model"]
     out = tmp_path / "model.bin"
-    run_main(["--ckpt", world["ckpt"], "--format", "llama2c", "--out", str(out)])
+    run_main(export, ["--ckpt", world["ckpt"], "--format", "llama2c", "--out", str(out)])
     header, tensors, shared = read_llama2c(out)
     assert shared and header == {k: getattr(m.args, k) for k in header}
     assert torch.equal(tensors.pop("freq_cis_real"), m.rope_cos)
@@ -367,7 +358,8 @@ def runc_decode(pieces, ids, bos_id):
 def test_llama2c_tokenizer_bin(world, tmp_path):
     tok = world["tok"]
     model_out, tok_out = tmp_path / "model.bin", tmp_path / "run" / "tokenizer.bin"  # run/ is made as needed
-    run_main(["--ckpt", world["ckpt"], "--format=llama2c", "--out", str(model_out), "--tokenizer-out", str(tok_out)])
+    run_main(export, ["--ckpt", world["ckpt"], "--format=llama2c", "--out", str(model_out), "--tokenizer-out",
+                      str(tok_out)])
     max_len, pieces, scores = read_tokenizer_bin(tok_out, tok.vocab_size)
     assert max_len == max(len(p) for p in pieces)
     assert pieces[tok.bos_id] == b"\n<s>\n" and pieces[tok.eos_id] == b"\n</s>\n"
@@ -383,7 +375,7 @@ def test_llama2c_warns_when_run_c_would_be_wrong(world, tmp_path, capsys):
     ck["model_args"]["rope_theta"] = 500.0
     odd = tmp_path / "odd.pt"
     save_checkpoint(ck, odd)
-    run_main(["--ckpt", str(odd), "--format", "llama2c", "--out", str(tmp_path / "m.bin")])
+    run_main(export, ["--ckpt", str(odd), "--format", "llama2c", "--out", str(tmp_path / "m.bin")])
     assert "warning: run.c assumes rope_theta=10000" in capsys.readouterr().err
 
 
@@ -408,7 +400,7 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(world, tmp_path, ca
         cases.append((["--format=hf", "--out", str(a_file)], "is a file"))
     for argv, fragment in cases:
         with pytest.raises(SystemExit) as e:
-            run_main(["--ckpt", world["ckpt"], *argv])
+            run_main(export, ["--ckpt", world["ckpt"], *argv])
         message = str(e.value)
         code = e.value.code if isinstance(e.value.code, int) else 1  # SystemExit("message") exits with 1
         assert code == (1 if "missing.pt" in " ".join(argv) else 2), (argv, code)  # settings: 2, files: 1
@@ -424,7 +416,7 @@ def test_out_that_is_not_a_regular_file_is_refused_and_a_symlink_written_through
     for flag in ("--out", "--tokenizer-out"):
         argv = ["--out", str(tmp_path / "m.bin"), flag, str(fifo)]
         with pytest.raises(SystemExit) as e:
-            run_main(["--ckpt", world["ckpt"], "--format=llama2c", *argv])
+            run_main(export, ["--ckpt", world["ckpt"], "--format=llama2c", *argv])
         assert e.value.code == 2 and f"{flag} {fifo} exists and is not a regular file" in str(e.value)
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     target = tmp_path / "models" / "model.bin"
@@ -432,7 +424,7 @@ def test_out_that_is_not_a_regular_file_is_refused_and_a_symlink_written_through
     target.write_bytes(b"old")
     link = tmp_path / "link.bin"
     link.symlink_to(target)
-    run_main(["--ckpt", world["ckpt"], "--format=llama2c", "--out", str(link)])
+    run_main(export, ["--ckpt", world["ckpt"], "--format=llama2c", "--out", str(link)])
     assert link.is_symlink() and read_llama2c(target)[0]["dim"] == world["model"].args.dim
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.bin"]
 

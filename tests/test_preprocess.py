@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -26,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import preprocess as P  # noqa: E402
+from conftest import limited_file_size  # noqa: E402
 
 VOCAB = 400
 WORDS = ("the king queen lord lady sword crown night day love death honour speak heart blood fair noble soul "
@@ -71,6 +71,10 @@ def write_corpus(root: Path, seed=0):
     (root / ".hidden.txt").write_text("never read", encoding="utf-8")
     (root / "README.md").write_text("not a corpus file", encoding="utf-8")
     return paras, jl, st, zh, eot
+
+
+def meta_of(shard_dir):
+    return json.loads(Path(shard_dir, "meta.json").read_text(encoding="utf-8"))
 
 
 def read_all(inputs, **kw):
@@ -378,7 +382,7 @@ def split_docs(ids, bos, eos):
 def test_pretokenize_meta_and_shards(built):
     shard_dir, tok = built["shard_dir"], P.Tokenizer(built["model"])
     assert shard_dir == os.path.join(built["data_dir"], f"tok{VOCAB}")
-    meta = P.load_meta(shard_dir)
+    meta = meta_of(shard_dir)
     assert meta["vocab_size"] == VOCAB and meta["dtype"] == "uint16"
     assert (meta["bos_id"], meta["eos_id"]) == (1, 2)
     assert meta["tokenizer"] == built["model"] and meta["tokenizer_sha256"] == tok.sha256
@@ -412,14 +416,14 @@ def test_pretokenize_is_deterministic_and_idempotent(built, tmp_path, capsys):
     assert os.stat(meta_path).st_mtime_ns == before
     # the same run elsewhere, in one process and with other shard sizes, gives the same token streams
     other = P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.1, shard_tokens=10**6, num_workers=1)
-    m1, m2 = P.load_meta(built["shard_dir"]), P.load_meta(other)
+    m1, m2 = meta_of(built["shard_dir"]), meta_of(other)
     for split in ("train", "val"):
         assert np.array_equal(read_split(built["shard_dir"], m1, split), read_split(other, m2, split))
     # a changed setting redoes the work
     capsys.readouterr()
     P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.3, shard_tokens=10**6, num_workers=1)
     assert "up to date" not in capsys.readouterr().out
-    assert P.load_meta(other)["splits"]["val"]["documents"] > m2["splits"]["val"]["documents"]
+    assert meta_of(other)["splits"]["val"]["documents"] > m2["splits"]["val"]["documents"]
     assert sorted(os.listdir(tmp_path)) == [f"tok{VOCAB}"]  # no .partial/.old folders left behind
 
 
@@ -428,7 +432,7 @@ def test_pretokenize_duplicates_share_a_split(built, tmp_path):
     (tmp_path / "dup.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     out = P.pretokenize(built["model"], P.Corpus([tmp_path / "dup.jsonl"]), str(tmp_path / "d"), val_fraction=0.2,
                         num_workers=1)
-    meta, tok = P.load_meta(out), P.Tokenizer(built["model"])
+    meta, tok = meta_of(out), P.Tokenizer(built["model"])
     val = {tok.decode(d) for d in split_docs(read_split(out, meta, "val"), 1, 2)}
     train = {tok.decode(d) for d in split_docs(read_split(out, meta, "train"), 1, 2)}
     assert val and train and not (val & train)  # no train/val leakage through repeated documents
@@ -439,7 +443,7 @@ def test_pretokenize_tiny_corpus_still_gets_a_val_document(built, tmp_path):
     f = tmp_path / "three.jsonl"
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one fair day", "two fair days", "three"]))
     out = P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "d"), val_fraction=0.0, num_workers=1)
-    meta = P.load_meta(out)
+    meta = meta_of(out)
     assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (2, 1)
     assert list(meta["splits"]["val"]["shards"]) == ["val_000.bin"]
     f.write_text(json.dumps({"text": "alone"}) + "\n")
@@ -461,16 +465,6 @@ def test_pretokenize_interrupted_leaves_old_data_intact(built, tmp_path, monkeyp
         P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.5, num_workers=2)
     assert Path(out, "meta.json").read_text() == old_meta
     assert sorted(os.listdir(tmp_path)) == [f"tok{VOCAB}"]
-
-
-def limited_file_size(limit):
-    """preexec_fn: writes beyond limit bytes fail (EFBIG), as on a full disk, inside the real program."""
-    resource = pytest.importorskip("resource")
-
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
 
 
 def test_pretokenize_on_a_full_disk_is_one_line_and_leaves_nothing(built, tmp_path):
@@ -511,7 +505,7 @@ def batches(n, **kw):
 
 
 def test_batches_shape_dtype_shift(built):
-    meta = P.load_meta(built["shard_dir"])
+    meta = meta_of(built["shard_dir"])
     shards = [np.fromfile(os.path.join(built["shard_dir"], n), dtype=np.uint16).astype(np.int64)
               for n in meta["splits"]["train"]["shards"]]
     stream, bs = batches(3, data_dir=built["data_dir"])
@@ -566,7 +560,7 @@ def epoch_rows(data_dir, rank, world_size):
 def test_ranks_split_one_epoch_between_them(built):
     whole = epoch_rows(built["data_dir"], 0, 1)
     r0, r1 = epoch_rows(built["data_dir"], 0, 2), epoch_rows(built["data_dir"], 1, 2)
-    n_shards = len(P.load_meta(built["shard_dir"])["splits"]["train"]["shards"])
+    n_shards = len(meta_of(built["shard_dir"])["splits"]["train"]["shards"])
     assert len(set(whole)) == len(whole) > 500  # no window twice in an epoch
     assert len(r0) == len(r1) and not set(r0) & set(r1)  # ranks stay in step on disjoint windows
     assert set(r0) | set(r1) <= set(whole) and len(r0) + len(r1) >= len(whole) - n_shards  # at most 1 dropped a shard
@@ -725,6 +719,16 @@ def test_download_retries_a_dropped_connection(server, tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
 
 
+def test_download_with_a_complete_part_and_no_known_size_is_installed(server, tmp_path):
+    part = tmp_path / "downloads" / "TinyStories_all_data.tar.gz.part"
+    part.parent.mkdir()
+    part.write_bytes(server.archive)  # a run that got every byte, then died before installing it
+    server.requests.clear()
+    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha, size="none")
+    assert [r["range"] for r in server.requests] == [f"bytes={len(server.archive)}-"]  # answered 416: nothing left
+    assert not part.exists() and len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
+
+
 def test_download_checksum_and_size_mismatch_refused(server, tmp_path):
     with pytest.raises(P.DataError, match=f"has sha256 {server.sha}, expected 0{{64}}: refused and removed"):
         P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="0" * 64, size="none")
@@ -736,14 +740,13 @@ def test_download_checksum_and_size_mismatch_refused(server, tmp_path):
         P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="abc")
 
 
-def test_download_cli_with_env_url(server, tmp_path):
-    env = {"TINYLLM_TINYSTORIES_URL": server.url}
-    proc = cli("download", "tinystories", "--data_dir", tmp_path, "--sha256", server.sha, "--size",
-               len(server.archive), env=env)
+def test_download_cli_with_a_mirror_url(server, tmp_path):
+    proc = cli("download", "tinystories", "--data_dir", tmp_path, "--url", server.url, "--sha256", server.sha,
+               "--size", len(server.archive))
     assert proc.returncode == 0, proc.stderr
     assert "wrote 2 files" in proc.stdout and len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
     proc = cli("download", "tinystories", "--data_dir", tmp_path / "x", "--retries", 0,
-               env={"TINYLLM_TINYSTORIES_URL": server.url.replace("TinyStories", "Missing")})
+               "--url", server.url.replace("TinyStories", "Missing"))
     assert_clean_failure(proc, "HTTP 404")
     assert not (tmp_path / "x" / "raw" / "tinystories").exists()
 
@@ -802,7 +805,7 @@ def test_cli_end_to_end_and_errors(built, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = cli("pretokenize", "--vocab_size=380", "--data_dir", data, "--val_fraction=0.2")
     assert proc.returncode == 0, proc.stderr
-    assert P.load_meta(data / "tok380")["splits"]["val"]["documents"] > 0
+    assert meta_of(data / "tok380")["splits"]["val"]["documents"] > 0
     # errors: one line, no traceback, nothing written
     assert_clean_failure(cli("pretokenize", "--vocab_size=512", "--data_dir", data),
                          "train_vocab --vocab_size=512")

@@ -1,87 +1,20 @@
 """sample.py: streamed sampling from a checkpoint — greedy equals the cache-less model, EOS, top-k/top-p, prompts,
-the tokenizer inside the checkpoint, and one-line errors. Uses a tiny tokenizer and model trained here."""
+the tokenizer inside the checkpoint, and one-line errors. Uses the tiny tokenizer and model of conftest.py."""
 
 import copy
-import importlib
-import io
 import os
 import random
 import subprocess
 import sys
 
 import pytest
-import sentencepiece as spm
 import torch
 
 import sample
-from configurator import configure
-from model import ModelArgs, Transformer, checkpoint_dict, save_checkpoint
-from preprocess import Tokenizer
+from conftest import RunsCode, make_checkpoint, make_corpus, run_main, train_tokenizer
+from model import Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# -----------------------------------------------------------------------------
-# a tiny world: text, a sentencepiece BPE tokenizer trained on it, a model trained on it (shared with test_export)
-
-def make_corpus(seed=0, n=400):
-    rng = random.Random(seed)
-    names = ["Lily", "Tom", "Zoë", "Max", "Ana"]
-    things = ["red ball", "big dog", "café", "little boat", "shiny star 🌟", "naïve cat"]
-    places = ["park", "garden", "sea", "forest"]
-    docs = []
-    for _ in range(n):
-        name, thing, place = rng.choice(names), rng.choice(things), rng.choice(places)
-        docs.append(f"{name} saw a {thing} in the {place}. {name} was happy.\n"
-                    f"They played with {rng.randint(1, 99)} friends.")
-    return docs
-
-
-def train_tokenizer(docs, vocab_size):
-    """sentencepiece BPE with the settings preprocess.py uses (byte fallback, unk=0, bos=1, eos=2, no pad)."""
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs), model_writer=out, model_type="bpe", vocab_size=vocab_size,
-        character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, num_threads=1, minloglevel=2)
-    return out.getvalue()
-
-
-def train_model(tok, docs, steps=60, **shape):
-    """A small GQA model trained briefly on BOS + doc + EOS sequences, so greedy output is text, not noise."""
-    torch.manual_seed(0)
-    args = ModelArgs(**{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": tok.vocab_size,
-                        "max_seq_len": 64, **shape})
-    m = Transformer(args)
-    stream = torch.tensor([i for d in docs for i in tok.encode(d, bos=True, eos=True)])
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    T = args.max_seq_len
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small trains no faster on two threads, and far slower on a busy machine
-    try:
-        for _ in range(steps):
-            starts = torch.randint(0, len(stream) - T - 1, (16,), generator=g)
-            x = torch.stack([stream[s:s + T] for s in starts])
-            y = torch.stack([stream[s + 1:s + T + 1] for s in starts])
-            m(x, y)
-            opt.zero_grad(set_to_none=True)
-            m.last_loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return m.eval(), args
-
-
-def make_checkpoint(path, vocab_size=320, **shape):
-    """(checkpoint path, model, Tokenizer) for a freshly trained tiny model, saved as train.py saves it."""
-    docs = make_corpus()
-    tok = Tokenizer.from_bytes(train_tokenizer(docs, vocab_size))
-    m, args = train_model(tok, docs, **shape)
-    save_checkpoint(checkpoint_dict(m, args, tokenizer=tok.model_bytes, iter_num=60, best_val_loss=1.0,
-                                    config={"vocab_size": vocab_size}), path)
-    return path, m, tok
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +23,9 @@ def world(tmp_path_factory):
     return {"ckpt": str(path), "model": m, "tok": tok}
 
 
-def run_main(argv):
-    """sample.py's command line, in this process (fresh settings each time)."""
-    mod = importlib.reload(sample)
-    configure(vars(mod), argv)
-    mod.main()
-
-
 def one_line_error(capsys, argv, *fragments):
     with pytest.raises(SystemExit) as e:
-        run_main(argv)
+        run_main(sample, argv)
     message = str(e.value)  # the line printed: SystemExit("error: ...") exits 1, a setting error 2
     assert e.value.code != 0
     assert message.startswith("error: ") and "\n" not in message.strip(), message
@@ -195,22 +121,23 @@ def test_text_stream_handles_byte_fallback_and_spaces(world):
 def test_file_prompt_and_tokenizer_from_checkpoint(world, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Max saw a little boat\n", encoding="utf-8")  # the editor's newline is not part of it
-    run_main(["--ckpt", world["ckpt"], f"--start=FILE:{prompt}", "--temperature=0", "--max_new_tokens=15"])
+    run_main(sample, ["--ckpt", world["ckpt"], f"--start=FILE:{prompt}", "--temperature=0", "--max_new_tokens=15"])
     from_file = capsys.readouterr()
-    run_main(["--ckpt", world["ckpt"], "--start=Max saw a little boat", "--temperature=0", "--max_new_tokens=15"])
+    run_main(sample, ["--ckpt", world["ckpt"], "--start=Max saw a little boat", "--temperature=0",
+                      "--max_new_tokens=15"])
     inline = capsys.readouterr()
     assert from_file.out == inline.out and from_file.out.startswith("Max saw a little boat")
     assert "tokens/s" in from_file.err
     # the same tokenizer given explicitly changes nothing; a different one of the same size gets a warning
     tok_path = tmp_path / "tok.model"
     tok_path.write_bytes(world["tok"].model_bytes)
-    run_main(["--ckpt", world["ckpt"], f"--tokenizer={tok_path}", "--start=Max saw a little boat",
+    run_main(sample, ["--ckpt", world["ckpt"], f"--tokenizer={tok_path}", "--start=Max saw a little boat",
               "--temperature=0", "--max_new_tokens=15"])
     explicit = capsys.readouterr()
     assert explicit.out == inline.out and "warning" not in explicit.err
     other = tmp_path / "other.model"
     other.write_bytes(train_tokenizer(make_corpus(seed=2), 320))
-    run_main(["--ckpt", world["ckpt"], f"--tokenizer={other}", "--max_new_tokens=5"])
+    run_main(sample, ["--ckpt", world["ckpt"], f"--tokenizer={other}", "--max_new_tokens=5"])
     assert "not the tokenizer this model was trained with" in capsys.readouterr().err
     # a checkpoint without its tokenizer needs --tokenizer
     ck = torch.load(world["ckpt"], weights_only=True)
@@ -218,20 +145,20 @@ def test_file_prompt_and_tokenizer_from_checkpoint(world, tmp_path, capsys):
     bare = tmp_path / "bare.pt"
     torch.save(ck, bare)
     one_line_error(capsys, ["--ckpt", str(bare)], "holds no tokenizer", "--tokenizer=")
-    run_main(["--ckpt", str(bare), f"--tokenizer={tok_path}", "--start=Max saw a little boat", "--temperature=0",
-              "--max_new_tokens=15"])
+    run_main(sample, ["--ckpt", str(bare), f"--tokenizer={tok_path}", "--start=Max saw a little boat",
+                      "--temperature=0", "--max_new_tokens=15"])
     assert capsys.readouterr().out == inline.out
 
 
 def test_samples_are_separated_and_seeded(world, capsys):
     argv = ["--ckpt", world["ckpt"], "--start=Lily", "--num_samples=3", "--max_new_tokens=20", "--seed=7"]
-    run_main(argv)
+    run_main(sample, argv)
     first = capsys.readouterr().out
-    run_main(argv)
+    run_main(sample, argv)
     assert capsys.readouterr().out == first  # same seed, same samples
     samples = first.split("\n" + "-" * 40 + "\n")
     assert len(samples) == 3 and all(s.startswith("Lily") for s in samples)
-    run_main(argv[:-1] + ["--seed=8"])
+    run_main(sample, argv[:-1] + ["--seed=8"])
     assert capsys.readouterr().out != first
 
 
@@ -240,13 +167,14 @@ def test_num_samples_run_as_one_batch(world, capsys, monkeypatch):
     plain = Transformer.generate_stream
     monkeypatch.setattr(Transformer, "generate_stream", lambda self, idx, *a, **k: batches.append(idx.shape[0]) or
                         plain(self, idx, *a, **k))
-    run_main(["--ckpt", world["ckpt"], "--start=Tom saw", "--num_samples=4", "--max_new_tokens=12", "--temperature=0"])
+    run_main(sample, ["--ckpt", world["ckpt"], "--start=Tom saw", "--num_samples=4", "--max_new_tokens=12",
+                      "--temperature=0"])
     out, err = capsys.readouterr()
     assert batches == [4]  # one generation of four rows, not four generations
     assert out.endswith("\n")
     samples = out[:-1].split("\n" + "-" * 40 + "\n")
     assert len(samples) == 4 and len(set(samples)) == 1 and samples[0].startswith("Tom saw")  # greedy: all equal
-    run_main(["--ckpt", world["ckpt"], "--start=Tom saw", "--max_new_tokens=12", "--temperature=0"])
+    run_main(sample, ["--ckpt", world["ckpt"], "--start=Tom saw", "--max_new_tokens=12", "--temperature=0"])
     assert capsys.readouterr().out == samples[0] + "\n"  # a row of the batch is what it would be alone
     assert "4 samples in one batch" in err and "tokens/s" in err and "warm-up" in err
 
@@ -265,7 +193,7 @@ def test_batched_samples_end_at_their_own_eos(world):
 
 def test_long_prompt_is_cropped_with_a_warning(world, capsys):
     long = " ".join(["Lily saw a red ball in the park."] * 20)
-    run_main(["--ckpt", world["ckpt"], f"--start={long}", "--temperature=0", "--max_new_tokens=5"])
+    run_main(sample, ["--ckpt", world["ckpt"], f"--start={long}", "--temperature=0", "--max_new_tokens=5"])
     out, err = capsys.readouterr()
     assert "warning: the prompt is" in err and "keeping its last 64 tokens" in err
     tok = world["tok"]
@@ -296,16 +224,6 @@ def test_error_paths_are_one_line(world, tmp_path, capsys):
     for bad, fragment in [("--temperature=-1", "--temperature"), ("--top_p=0", "--top_p"), ("--top_k=-2", "--top_k"),
                           ("--num_samples=0", "--num_samples")]:
         one_line_error(capsys, ["--ckpt", world["ckpt"], bad], fragment)
-
-
-class RunsCode:
-    """Unpickling this would call open(path, "w"): a stand-in for arbitrary code in a malicious checkpoint."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_checkpoint_with_pickled_code_is_refused_unrun(world, tmp_path, capsys):

@@ -20,7 +20,7 @@ import torch
 import train as train_module
 from configurator import configure
 from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
-from test_preprocess import limited_file_size
+from conftest import limited_file_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320
@@ -53,8 +53,8 @@ def data_dir(tmp_path_factory):
 
 
 def settings(data_dir, out_dir, **extra):
-    s = dict(data_dir=data_dir, out_dir=str(out_dir), dataset="custom", vocab_size=VOCAB, max_seq_len=32, dim=32,
-             n_layers=2, n_heads=4, n_kv_heads=2, batch_size=4, gradient_accumulation_steps=2,
+    s = dict(data_dir=data_dir, out_dir=str(out_dir), data_source="custom", vocab_size=VOCAB, max_seq_len=32,
+             dim=32, n_layers=2, n_heads=4, n_kv_heads=2, batch_size=4, gradient_accumulation_steps=2,
              learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, max_iters=40, eval_interval=20, eval_iters=4,
              log_interval=5, device="cpu", compile=False)
     s.update(extra)
@@ -91,7 +91,10 @@ def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
 
 def test_metrics_schema(data_dir, tmp_path):
     out = tmp_path / "run"
-    train_cli(data_dir, out, max_iters=10, eval_interval=10, log_interval=5)
+    # also: the old name of keep_best, in its old (opposite) sense, still works with a one-line note
+    r = train_cli(data_dir, out, max_iters=10, eval_interval=10, log_interval=5, always_save_checkpoint=True)
+    assert "note: --always_save_checkpoint is now --keep_best=False" in r.stderr.splitlines()
+    assert (out / "ckpt.pt").exists() and not (out / "best.pt").exists()
     records = metrics(out)
     logs = [m for m in records if "loss" in m]
     evals = [m for m in records if "val_loss" in m]
@@ -135,21 +138,29 @@ def test_accumulation_in_train_py_equals_one_big_batch(data_dir, tmp_path):
     assert a["tokens"] == b["tokens"] == 8 * 32
 
 
-def test_accumulation_equals_one_big_batch():
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
-    x = torch.randint(0, 64, (8, 16))
-    y = torch.randint(0, 64, (8, 16))
-    model(x, y)
-    model.last_loss.backward()
-    big = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    k = 4
-    for xs, ys in zip(x.chunk(k), y.chunk(k)):  # what train.py does: loss / accumulation steps per micro-batch
-        model(xs, ys)
-        (model.last_loss / k).backward()
-    for a, b in zip(big, model.parameters()):
-        assert torch.allclose(a, b.grad, atol=1e-6)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_step_over_micro_batches_equals_one_merged_batch(monkeypatch, optimizer):
+    """train.train_step with 4 micro-batches of 2 rows vs 1 of 8: the same mean loss, gradient norm and update."""
+    monkeypatch.setattr(train_module, "optimizer", optimizer)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 64, (2, 8, 16), generator=gen)
+
+    def step(micro_steps):
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+        optimizers = train_module.build_optimizers(model, "cpu")
+        stats = {k: torch.zeros(()) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        train_module.train_step(model, optimizers, scaler, x.view(micro_steps, -1, 16), y.view(micro_steps, -1, 16),
+                                stats, train_module.autocast_ctx("cpu", "float32"), 1.0, False)
+        return stats, [p.detach() for p in model.parameters()]
+
+    (merged, weights), (split, split_weights) = step(1), step(4)
+    assert split["loss"].item() == pytest.approx(merged["loss"].item(), rel=1e-5)
+    assert split["grad_norm"].item() == pytest.approx(merged["grad_norm"].item(), rel=1e-4)
+    assert split["bad"].item() == merged["bad"].item() == 0
+    for a, b in zip(weights, split_weights):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_exact_resume_after_sigkill(data_dir, tmp_path):
@@ -417,6 +428,20 @@ def test_eval_iters_beyond_the_val_split_is_noted(data_dir, tmp_path):
     r = train_cli(data_dir, tmp_path / "run", max_iters=0, eval_iters=4, batch_size=32)
     assert "= 128 windows of 33 tokens, but the val split holds only 99" in r.stderr and "--eval_iters=3" in r.stderr
     assert "the train split" not in r.stderr
+
+
+def test_missing_data_names_the_commands_for_its_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "data_dir", str(tmp_path))
+    monkeypatch.setattr(train_module, "vocab_size", 512)
+    for source, fragment in (("tinystories", "`python preprocess.py download tinystories`, then `python preprocess.py "
+                                             "train_vocab --vocab_size=512 --input data/raw/tinystories"),
+                             ("mine", "make it with `python preprocess.py train_vocab --vocab_size=512 --input "
+                                      "YOUR_TEXT_FILES")):
+        monkeypatch.setattr(train_module, "data_source", source)
+        with pytest.raises(SystemExit, match="error: no tokenized data in") as e:
+            train_module.ensure_data(master=True)
+        assert fragment in str(e.value)
+    assert os.listdir(tmp_path) == []  # only "shakespeare" is prepared automatically
 
 
 def test_mismatched_shards_error_names_the_command_that_fixes_them(tmp_path):
