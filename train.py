@@ -431,9 +431,10 @@ class Budget:
     """max_train_seconds: time a few warm steps, then fix max_iters so that training ends within the budget.
 
     The clock starts with the training loop (data preparation and start-up are not in it); evaluations and
-    checkpoints are. The steps timed are still in the warm-up of any sensible schedule, so the learning rates
-    they used do not depend on the max_iters chosen after them. The choice goes into the checkpoint: a resumed
-    run continues the same schedule instead of fitting a new one to the time left.
+    checkpoints are. The steps before the choice take their learning rates from the schedule with max_iters as
+    given (a cap): the same rates as after it while they are in the warm-up (tiny: 50 steps; timing takes ~15) or
+    in wsd's stable phase. The choice goes into the checkpoint: a resumed run continues the same schedule instead
+    of fitting a new one to the time left.
     """
 
     def __init__(self, seconds, device_type, start_iter):
