@@ -240,8 +240,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, None if cache is None else cache[i], start_pos)
         h = self.norm(h)
 
-        compiled, big = self.xent is not xent_chunk, h.numel() // h.shape[-1] * self.args.vocab_size > 2 ** 28
-        if targets is not None and not return_logits and (compiled or big):
+        if targets is not None and not return_logits and (
+                self.xent is not xent_chunk or h.numel() // h.shape[-1] * self.args.vocab_size > 2 ** 28):
             self.last_loss = linear_cross_entropy(h, self.output.weight, targets, self.xent)
             return None
         if targets is not None:

@@ -25,7 +25,6 @@ import time
 
 PROCESS_START = time.time()  # before torch is imported: the banner reports the seconds to the first step
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import numpy as np
 import torch
