@@ -762,8 +762,12 @@ def train():
     train_batches = batches("train", state=data_state, on="cpu")  # the stepper copies them to the device
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
     def evaluate():
-        """Mean loss on eval_iters batches of each split (the same batches every time)."""
+        """Mean loss on eval_iters batches of each split (the same batches every time).
+
+        Uncompiled: a forward pass without gradients is another graph for torch.compile, and compiling it took
+        ~6 s of a cold start on an H200 (seed shape) for evaluations that take well under a second each eager."""
         model.eval()
         out = {}
         for split in ("train", "val"):
