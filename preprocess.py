@@ -185,15 +185,12 @@ def _read_json(path):
 def expand_inputs(specs):
     """Files named by `specs` (files, directories searched recursively, globs), in a fixed order, no duplicates.
     In directories only .txt/.jsonl/.json files count and hidden files/folders are skipped."""
-    files = []
+    files = {}  # realpath -> the path as given: the first mention of a file wins
     for spec in specs:
         spec = os.path.expanduser(str(spec))
-        if os.path.isdir(spec) or os.path.isfile(spec):
-            matches = [spec]
-        else:
-            matches = sorted(glob.glob(spec, recursive=True))
-            if not matches:
-                raise DataError(f"--input {spec}: no such file or directory, and no file matches it as a glob")
+        matches = [spec] if os.path.exists(spec) else sorted(glob.glob(spec, recursive=True))
+        if not matches:
+            raise DataError(f"--input {spec}: no such file or directory, and no file matches it as a glob")
         for m in matches:
             if os.path.isdir(m):
                 found = []
@@ -201,18 +198,14 @@ def expand_inputs(specs):
                     dirs[:] = [d for d in dirs if not d.startswith(".")]
                     found += [os.path.join(root, n) for n in names
                               if not n.startswith(".") and n.endswith(INPUT_SUFFIXES)]
-                files += sorted(found, key=lambda f: os.path.relpath(f, m).split(os.sep))
+                found.sort(key=lambda f: os.path.relpath(f, m).split(os.sep))
             else:
-                files.append(m)
-    seen, unique = set(), []
-    for f in files:
-        key = os.path.realpath(f)
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    if not unique:
+                found = [m]
+            for f in found:
+                files.setdefault(os.path.realpath(f), f)
+    if not files:
         raise DataError(f"no .txt, .jsonl or .json files in {' '.join(map(str, specs))}")
-    return unique
+    return list(files.values())
 
 
 def _decode(raw: bytes, path, offset, errors):
@@ -262,19 +255,17 @@ class Corpus:
         self.bytes_read = 0
         for path in self.files:
             start = self.bytes_read
-            if path.endswith(".jsonl"):
-                yield from self._jsonl(path)
-            elif path.endswith(".json"):
-                yield from self._json(path)
-            else:  # .txt, and any other file named explicitly, is plain text
-                yield from self._txt(path)
+            # .txt, and any other file named explicitly, is plain text
+            read = self._jsonl if path.endswith(".jsonl") else self._json if path.endswith(".json") else self._txt
+            yield from filter(None, read(path))  # the readers strip documents; empty ones are skipped
             self.bytes_read = start + os.path.getsize(path)
 
     # --- plain text
     def _lines(self, path):
+        # bytes, so a bad byte is reported with its offset; b"\n" never occurs inside a multi-byte UTF-8 character
         with open(path, "rb") as f:
             offset = 0
-            for raw in f:  # b"\n" never occurs inside a multi-byte UTF-8 character, so lines decode on their own
+            for raw in f:
                 line = _decode(raw, path, offset, self.errors)
                 if offset == 0 and line.startswith("\ufeff"):
                     line = line[1:]  # byte order mark
@@ -286,96 +277,72 @@ class Corpus:
 
     def _txt(self, path):
         if self.doc_per_file:
-            text = "".join(self._lines(path)).strip()
-            if text:
-                yield text
+            yield "".join(self._lines(path)).strip()
         elif _file_contains(path, EOT.encode()):
-            yield from self._txt_eot(path)
+            buf = []
+            for line in self._lines(path):
+                *ends, rest = line.split(EOT)
+                for end in ends:
+                    yield ("".join(buf) + end).strip()
+                    buf = []
+                buf.append(rest)
+            yield "".join(buf).strip()
         else:
-            yield from self._txt_paragraphs(path)
+            yield from self._paragraphs(path)
 
-    def _txt_eot(self, path):
-        buf = []
-        for line in self._lines(path):
-            *done, rest = line.split(EOT)
-            for part in done:
-                buf.append(part)
-                doc = "".join(buf).strip()
-                buf = []
-                if doc:
-                    yield doc
-            buf.append(rest)
-        doc = "".join(buf).strip()
-        if doc:
-            yield doc
-
-    def _txt_paragraphs(self, path):
+    def _paragraphs(self, path):
         # A play's blank-line paragraphs are tiny ("Ber.\nWho's there?"), so consecutive paragraphs are joined until
         # a document has min_doc_chars; a short tail of a file joins the document before it.
-        group, size, pending, para = [], -2, None, []
+        group, size, last, para = [], -2, [], []
         for line in itertools.chain(self._lines(path), ["\n"]):  # a last blank line ends the last paragraph
             if line.strip():
                 para.append(line)
-                continue
-            if not para:
-                continue
-            group.append("".join(para).rstrip("\n"))
-            para = []
-            size += len(group[-1]) + 2  # == len("\n\n".join(group))
-            if size >= self.min_doc_chars:
-                if pending is not None:
-                    yield pending
-                pending, group, size = "\n\n".join(group), [], -2
-        if group:
-            tail = "\n\n".join(group)
-            pending = tail if pending is None else pending + "\n\n" + tail
-        if pending is not None:
-            yield pending
+            elif para:
+                group.append("".join(para).rstrip("\n"))
+                para = []
+                size += len(group[-1]) + 2  # == len("\n\n".join(group))
+                if size >= self.min_doc_chars:
+                    yield from last  # held back until the next one is complete, for the tail
+                    last, group, size = ["\n\n".join(group)], [], -2
+        yield "\n\n".join(last + group)
 
     # --- JSON
     def _pick_text(self, obj, where):
         if isinstance(obj, str) and self.text_field is None:
-            return obj
+            return obj.strip()
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with a text field")
         field = self.text_field or ("text" if "text" in obj else "story")
-        text = obj.get(field)
-        if not isinstance(text, str):
+        if not isinstance(obj.get(field), str):
             hint = f'no string field "{field}"' if self.text_field else 'no string field "text" or "story"'
             raise DataError(f"{where}: {hint}; name the field with --text_field")
-        return text
+        return obj[field].strip()
 
     def _jsonl(self, path):
         for lineno, line in enumerate(self._lines(path), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            text = self._pick_text(obj, f"{path}:{lineno}").strip()
-            if text:
-                yield text
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+                yield self._pick_text(obj, f"{path}:{lineno}")
 
     def _json(self, path):
         with open(path, "rb") as f:
             raw = f.read()
-        text = _decode(raw, path, 0, self.errors)
         self.bytes_read += len(raw)
-        del raw
+        text = _decode(raw, path, 0, self.errors)
+        del raw  # TinyStories shards are ~80 MB: drop each form of the file once the next one exists
         try:
             items = json.loads(text)
         except ValueError as e:
             raise DataError(f"{path}: invalid JSON ({e})") from None
         del text
-        if isinstance(items, dict):
-            items = [items]
+        items = [items] if isinstance(items, dict) else items
         if not isinstance(items, list):
             raise DataError(f"{path}: expected a JSON array of objects with a text field")
         for i, obj in enumerate(items):
-            text = self._pick_text(obj, f"{path}[{i}]").strip()
-            if text:
-                yield text
+            yield self._pick_text(obj, f"{path}[{i}]")
 
 
 def default_inputs(data_dir):
