@@ -364,35 +364,31 @@ def default_inputs(data_dir):
 class Tokenizer:
     """A sentencepiece model and the facts about it the rest of tinyllm needs (ids, the file's bytes and sha256)."""
 
-    def __init__(self, model_path):
-        try:
-            with open(model_path, "rb") as f:
-                model_bytes = f.read()
-        except OSError:
-            raise SystemExit(f"tokenizer {model_path} not found: make it with "
-                             f"`python preprocess.py train_vocab --vocab_size=N`") from None
-        self._load(model_bytes, str(model_path))
-
-    @classmethod
-    def from_bytes(cls, model_bytes):
-        self = cls.__new__(cls)
-        self._load(bytes(model_bytes), None)
-        return self
-
-    def _load(self, model_bytes, path):
+    def __init__(self, model_path=None, model_bytes=None):
+        if model_bytes is None:
+            try:
+                with open(model_path, "rb") as f:
+                    model_bytes = f.read()
+            except OSError:
+                raise SystemExit(f"tokenizer {model_path} not found: make it with "
+                                 f"`python preprocess.py train_vocab --vocab_size=N`") from None
+        self.model_bytes = bytes(model_bytes)
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.LoadFromSerializedProto(model_bytes)
+            self.sp.LoadFromSerializedProto(self.model_bytes)
             ok = self.sp.vocab_size() > 0
         except RuntimeError:
             ok = False
         if not ok:
-            raise SystemExit(f"{path or 'tokenizer bytes'}: not a sentencepiece model")
-        self.path = path
-        self.model_bytes = model_bytes
-        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+            raise SystemExit(f"{model_path or 'tokenizer bytes'}: not a sentencepiece model")
+        self.path = None if model_path is None else str(model_path)
+        self.sha256 = hashlib.sha256(self.model_bytes).hexdigest()
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    @classmethod
+    def from_bytes(cls, model_bytes):
+        return cls(model_bytes=model_bytes)
 
     def encode(self, text, bos=False, eos=False):
         ids = self.sp.encode(text)
