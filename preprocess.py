@@ -55,7 +55,6 @@ VAL_FRACTION = 0.01           # share of documents (by a stable hash of their te
 MIN_DOC_CHARS = 1500          # .txt blank-line paragraphs are grouped into documents of at least this many chars
 SHARD_TOKENS = 1 << 26        # tokens per shard file (128 MB of uint16)
 SAMPLE_BYTES = 50_000_000     # train_vocab samples at most this much text, evenly over the corpus (~15x in RAM)
-MAX_SENTENCE_BYTES = 1 << 14  # longer documents are cut at line breaks for sentencepiece, which skips long ones
 CHUNK_CHARS = 1 << 18         # documents go to the pretokenize workers in chunks of about this many characters
 EOT = "<|endoftext|>"
 INPUT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -558,28 +557,6 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
 # train_vocab
 
 
-def _sentences(doc, limit=MAX_SENTENCE_BYTES):
-    """Cut a long document at line breaks into pieces sentencepiece accepts (it silently skips longer ones)."""
-    if len(doc.encode("utf-8")) <= limit:
-        yield doc
-        return
-    buf, n = [], 0
-    for line in doc.splitlines(keepends=True):
-        b = len(line.encode("utf-8"))
-        if buf and n + b > limit:
-            yield "".join(buf)
-            buf, n = [], 0
-        while b > limit:  # one enormous line: cut it by characters
-            cut = line[: limit // 4]
-            yield cut
-            line = line[len(cut):]
-            b = len(line.encode("utf-8"))
-        buf.append(line)
-        n += b
-    if buf:
-        yield "".join(buf)
-
-
 def train_sentencepiece(sentences, vocab_size, num_threads=None):
     """The bytes of a sentencepiece BPE model trained on sentences with llama2.c's settings: byte fallback, digits
     split, text kept as it is (no normalization, whitespace kept), unk=0, bos=1, eos=2, no pad."""
@@ -587,9 +564,9 @@ def train_sentencepiece(sentences, vocab_size, num_threads=None):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
-        input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, input_sentence_size=0,
+        max_sentence_length=1 << 30,  # whole documents: sentencepiece silently skips sentences longer than this
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     return model.getvalue()
 
 
@@ -607,15 +584,6 @@ def _sentencepiece_error(e, vocab_size, sample_desc):
     return f"sentencepiece failed: {msg.splitlines()[0] if msg else type(e).__name__}"
 
 
-def _shards_made_with(model_path):
-    """The shard folders beside a tokenizer (tok*/ in its folder) whose meta.json says they were made with it."""
-    sha = _sha256_file(model_path)
-    root = os.path.dirname(model_path) or "."
-    return [os.path.join(root, d) for d in sorted(os.listdir(root))
-            if d.startswith("tok") and (_read_json(os.path.join(root, d, "meta.json")) or {}).get("tokenizer_sha256")
-            == sha]
-
-
 def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_threads=None, overwrite=False):
     """Train a sentencepiece BPE tokenizer (llama2.c's settings) on a bounded sample of the corpus; returns model_out.
     Skips the work when model_out was already trained on this corpus with these settings, and refuses to replace
@@ -627,15 +595,17 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         raise DataError(f"--sample_bytes={sample_bytes} must be positive")
     sidecar_path = model_out + ".json"
     settings = {"vocab_size": vocab_size, "source_fingerprint": corpus.fingerprint(), "sample_bytes": sample_bytes}
-    old = _read_json(sidecar_path)
-    if (os.path.exists(model_out) and old and all(old.get(k) == v for k, v in settings.items())
-            and old.get("model_sha256") == _sha256_file(model_out)):
+    old = _read_json(sidecar_path) or {}
+    sha = _sha256_file(model_out) if os.path.exists(model_out) else None
+    if sha and old.get("model_sha256") == sha and all(old.get(k) == v for k, v in settings.items()):
         print(f"{model_out} is up to date (vocab {vocab_size}, trained on {old.get('source')}); nothing to do")
         return model_out
-    if os.path.exists(model_out) and not overwrite:
-        what = f"trained on {old['source']}" if old and old.get("source") else "not made by train_vocab here"
-        shards = _shards_made_with(model_out)
-        deps = (f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it")
+    if sha and not overwrite:
+        what = f"trained on {old['source']}" if old.get("source") else "not made by train_vocab here"
+        root = os.path.dirname(model_out) or "."  # the shard folders beside it (tok*/) that were made with it
+        shards = [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("tok")
+                  and (_read_json(os.path.join(root, d, "meta.json")) or {}).get("tokenizer_sha256") == sha]
+        deps = f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it"
         raise DataError(f"{model_out} already exists ({what}); a new tokenizer there would orphan {deps} and every "
                         "checkpoint trained on them (they could not resume on re-made shards). Write it elsewhere "
                         "(another --data_dir or --model_out), or pass --overwrite to replace it (then pretokenize "
@@ -645,27 +615,26 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
     # run; it stays in memory (sample_bytes at most) and reaches sentencepiece through sentence_iterator, which lets
     # documents keep their newlines (so "\n" and "\n\n" become pieces instead of byte fallbacks).
     keep = min(1.0, sample_bytes / max(1, corpus.total_bytes))
-    sample, sample_chars, n_docs = [], 0, 0
+    sample, sample_chars = [], 0
     with _bar(desc="sampling text", total=corpus.total_bytes, unit="B", unit_scale=True) as bar:
         for doc in corpus:
             bar.update(corpus.bytes_read - bar.n)
             raw = doc.encode("utf-8")
-            if keep < 1.0 and _stable_fraction(raw) >= keep:
-                continue
-            sample.extend(_sentences(doc))
-            sample_chars += len(raw)
-            n_docs += 1
-            if sample_chars >= sample_bytes:
-                break
+            if keep == 1.0 or _stable_fraction(raw) < keep:
+                sample.append(doc)
+                sample_chars += len(raw)
+                if sample_chars >= sample_bytes:
+                    break
     if not sample:
         raise DataError(f"no text in {corpus.description()}")
-    sample_desc = f"{n_docs} documents ({sample_chars / 1e6:.1f} MB)"
+    sample_desc = f"{len(sample)} documents ({sample_chars / 1e6:.1f} MB)"
     print(f"training a {vocab_size}-piece BPE tokenizer on {sample_desc} of {corpus.description()}")
     t0 = time.time()
     try:
         tok = Tokenizer.from_bytes(train_sentencepiece(sample, vocab_size, num_threads))
     except RuntimeError as e:
         raise DataError(_sentencepiece_error(e, vocab_size, sample_desc)) from None
+    n_docs = len(sample)
     del sample
 
     os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
@@ -678,8 +647,8 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         lines.append(f"{piece}\t{tok.sp.get_score(i):g}\n")
     atomic_write(vocab_path, "".join(lines).encode("utf-8"))
     _write_json_atomic(sidecar_path, {**settings, "source": corpus.description(), "inputs": corpus.inputs,
-                                      "sample_documents": n_docs,
-                                      "sample_chars": sample_chars, "model_sha256": tok.sha256})
+                                      "sample_documents": n_docs, "sample_chars": sample_chars,
+                                      "model_sha256": tok.sha256})
     print(f"wrote {model_out} ({tok.vocab_size} pieces, {time.time() - t0:.1f} s) and {vocab_path}")
     return model_out
 
