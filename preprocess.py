@@ -668,69 +668,73 @@ def _init_worker(model_bytes):
 
 def _encode_chunk(docs, val_fraction, dtype):
     """Tokenize documents as BOS + text + EOS and sort them into train/val by a hash of their text (so a repeated
-    document always lands in the same split)."""
+    document always lands in the same split); "last_train" is the last train document's (tokens, bytes)."""
     bos, eos = _worker_sp.bos_id(), _worker_sp.eos_id()
     out = {s: {"ids": [], "documents": 0, "bytes": 0} for s in SPLITS}
-    last_train_len = last_train_bytes = 0
+    out["last_train"] = None
     for text, ids in zip(docs, _worker_sp.encode(docs, num_threads=1)):  # one thread: the pool is the parallelism
         raw = text.encode("utf-8")
         split = "val" if _stable_fraction(raw) < val_fraction else "train"
-        out[split]["ids"].append(bos)
-        out[split]["ids"].extend(ids)
-        out[split]["ids"].append(eos)
+        out[split]["ids"] += [bos, *ids, eos]
         out[split]["documents"] += 1
         out[split]["bytes"] += len(raw)
         if split == "train":
-            last_train_len, last_train_bytes = len(ids) + 2, len(raw)
+            out["last_train"] = (len(ids) + 2, len(raw))
     for s in SPLITS:
         out[s]["ids"] = np.array(out[s]["ids"], dtype=dtype)
-    out["last_train"] = (last_train_len, last_train_bytes) if last_train_len else None
     return out
 
 
-class ShardWriter:
-    """Appends tokens to {split}_000.bin, {split}_001.bin, ... of at most shard_tokens tokens each."""
-
-    def __init__(self, out_dir, split, dtype, shard_tokens):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.shards = {}  # file name -> tokens, in order
-        self.f, self.name = None, None
-        self.tokens = self.documents = self.bytes = 0
-
-    def write(self, ids, documents=0, nbytes=0):
-        self.tokens += len(ids)
-        self.documents += documents
-        self.bytes += nbytes
-        while len(ids):
-            if self.f is None:
-                self.name = f"{self.split}_{len(self.shards):03d}.bin"
-                self.shards[self.name] = 0
-                self.f = open(os.path.join(self.out_dir, self.name), "wb")
-            take = ids[: self.shard_tokens - self.shards[self.name]]
-            self.f.write(np.ascontiguousarray(take, dtype=self.dtype).tobytes())
-            self.shards[self.name] += len(take)
-            ids = ids[len(take):]
-            if self.shards[self.name] == self.shard_tokens:
-                self.f.close()
-                self.f = None
-
-    def close(self):
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": dict(self.shards)}
-
-
-def _chunks(corpus, chunk_chars=CHUNK_CHARS):
-    docs, n = [], 0
-    for doc in corpus:
-        docs.append(doc)
-        n += len(doc)
-        if n >= chunk_chars:
+def _encoded_chunks(corpus, pool, depth, val_fraction, dtype):
+    """_encode_chunk's results for chunks of about CHUNK_CHARS characters of the corpus, in order. With a pool at
+    most depth chunks are in flight, so memory stays flat however big the corpus is."""
+    def chunks():
+        docs, n = [], 0
+        for doc in corpus:
+            docs.append(doc)
+            n += len(doc)
+            if n >= CHUNK_CHARS:
+                yield docs
+                docs, n = [], 0
+        if docs:
             yield docs
-            docs, n = [], 0
-    if docs:
-        yield docs
+
+    in_flight = collections.deque()
+    for docs in chunks():
+        args = (docs, val_fraction, dtype)
+        if pool is None:
+            yield _encode_chunk(*args)
+            continue
+        in_flight.append(pool.apply_async(_encode_chunk, args))
+        if len(in_flight) > depth:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
+class ShardWriter:
+    """Appends tokens to {split}_000.bin, {split}_001.bin, ... of at most shard_tokens tokens each; stats counts
+    what was written, as meta.json records it."""
+
+    def __init__(self, out_dir, split, shard_tokens):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.stats = {"tokens": 0, "bytes": 0, "documents": 0, "shards": {}}  # shards: file name -> tokens, in order
+
+    def write(self, part):  # part: one split of an _encode_chunk result
+        ids, shards = part["ids"], self.stats["shards"]
+        self.stats["tokens"] += len(ids)
+        self.stats["documents"] += part["documents"]
+        self.stats["bytes"] += part["bytes"]
+        while len(ids):
+            name = next(reversed(shards), None)
+            if name is None or shards[name] == self.shard_tokens:
+                name = f"{self.split}_{len(shards):03d}.bin"
+                shards[name] = 0
+            take = ids[: self.shard_tokens - shards[name]]
+            with open(os.path.join(self.out_dir, name), "ab") as f:
+                f.write(take.tobytes())
+            shards[name] += len(take)
+            ids = ids[len(take):]
 
 
 def _bad_shard(shard_dir, meta, splits=SPLITS):
@@ -771,51 +775,32 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
     partial = shard_dir + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    writers = {s: ShardWriter(partial, s, dtype, shard_tokens) for s in SPLITS}
+    writers = {s: ShardWriter(partial, s, shard_tokens) for s in SPLITS}
     num_workers = num_workers or os.cpu_count() or 1
     pool = multiprocessing.Pool(num_workers, _init_worker, (tok.model_bytes,)) if num_workers > 1 else None
     if pool is None:
         _init_worker(tok.model_bytes)
     print(f"tokenizing {corpus.description()} with {tokenizer_path} ({num_workers} processes)")
-    pending = None  # the newest chunk is held back: if no document went to val, its last train document goes there
-    in_flight = collections.deque()
-
-    def flush(result):
-        for s in SPLITS:
-            writers[s].write(result[s]["ids"], result[s]["documents"], result[s]["bytes"])
-
     try:
+        pending = None  # the newest chunk is held back: if no document went to val, its last train document goes there
         with _bar(desc="pretokenize", total=corpus.total_bytes, unit="B", unit_scale=True) as bar:
-            def collect():
-                nonlocal pending
-                job, bytes_read = in_flight.popleft()
-                result = job.get() if pool else job
-                bar.update(bytes_read - bar.n)
+            for result in _encoded_chunks(corpus, pool, 2 * num_workers, val_fraction, dtype):
+                bar.update(corpus.bytes_read - bar.n)
                 if pending is not None:
-                    flush(pending)
+                    for s in SPLITS:
+                        writers[s].write(pending[s])
                 pending = result
-
-            for docs in _chunks(corpus):
-                if pool:  # a bounded number of chunks in flight, so memory stays flat however big the corpus is
-                    in_flight.append((pool.apply_async(_encode_chunk, (docs, val_fraction, dtype)), corpus.bytes_read))
-                else:
-                    in_flight.append((_encode_chunk(docs, val_fraction, dtype), corpus.bytes_read))
-                if len(in_flight) > 2 * num_workers:
-                    collect()
-            while in_flight:
-                collect()
         if pending is None:
             raise DataError(f"no text in {corpus.description()}")
-        n_val = writers["val"].documents + pending["val"]["documents"]
-        if n_val == 0 and pending["last_train"]:
+        if writers["val"].stats["documents"] + pending["val"]["documents"] == 0:
             # tiny corpora: no document hashed into val, so the last train document becomes the val split
-            n, nbytes = pending["last_train"]
-            ids = pending["train"]["ids"]
-            pending["val"] = {"ids": ids[-n:], "documents": 1, "bytes": nbytes}
-            pending["train"] = {"ids": ids[:-n], "documents": pending["train"]["documents"] - 1,
-                                "bytes": pending["train"]["bytes"] - nbytes}
-        flush(pending)
-        splits = {s: writers[s].close() for s in SPLITS}
+            (n, nbytes), train = pending["last_train"], pending["train"]
+            pending["val"] = {"ids": train["ids"][-n:], "documents": 1, "bytes": nbytes}
+            pending["train"] = {"ids": train["ids"][:-n], "documents": train["documents"] - 1,
+                                "bytes": train["bytes"] - nbytes}
+        for s in SPLITS:
+            writers[s].write(pending[s])
+        splits = {s: writers[s].stats for s in SPLITS}
         if splits["train"]["documents"] == 0:
             n_docs = splits["val"]["documents"]
             if n_docs > 1:  # every document hashed into val
@@ -843,9 +828,6 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
         if pool:
             pool.terminate()
             pool.join()
-        for w in writers.values():
-            if w.f is not None:
-                w.f.close()
 
     old_dir = shard_dir + ".old"
     shutil.rmtree(old_dir, ignore_errors=True)
