@@ -737,15 +737,21 @@ class ShardWriter:
             ids = ids[len(take):]
 
 
-def _bad_shard(shard_dir, meta, splits=SPLITS):
-    """(path, tokens) of the first shard of these splits that is missing or not as long as meta.json says; None
-    when all are intact."""
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in splits:
-        for name, n in meta["splits"][split]["shards"].items():
-            path = os.path.join(shard_dir, name)
-            if not os.path.isfile(path) or os.path.getsize(path) != int(n) * itemsize:
-                return path, int(n)
+def _shards_problem(shard_dir, meta):
+    """What makes meta.json and the shards beside it unusable (damaged, a split without shards, a shard missing or
+    not as long as meta.json says), or None when they are intact."""
+    try:
+        meta["vocab_size"], meta["tokenizer_sha256"]  # fields the readers need
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            if not meta["splits"][split]["shards"]:
+                return f"{shard_dir} has no {split} shards"
+            for name, n in meta["splits"][split]["shards"].items():
+                path = os.path.join(shard_dir, name)
+                if not os.path.isfile(path) or os.path.getsize(path) != int(n) * itemsize:
+                    return f"{path} is missing or not {int(n)} tokens long (interrupted or edited?)"
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return f"{os.path.join(shard_dir, 'meta.json')} is damaged or not from tinyllm"
     return None
 
 
@@ -763,13 +769,11 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
     settings = {"tokenizer_sha256": tok.sha256, "source_fingerprint": corpus.fingerprint(),
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     old = _read_json(os.path.join(shard_dir, "meta.json"))
-    try:
-        if old and all(old.get(k) == v for k, v in settings.items()) and _bad_shard(shard_dir, old) is None:
-            print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
-                  f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
-            return shard_dir
-    except (KeyError, TypeError, AttributeError, ValueError):
-        pass  # a damaged meta.json: just redo the work
+    if (isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items())
+            and _shards_problem(shard_dir, old) is None):
+        print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
+              f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
+        return shard_dir
 
     # everything is written to a .partial folder that replaces shard_dir only when complete
     partial = shard_dir + ".partial"
@@ -863,16 +867,23 @@ def _make_command(data_dir, vocab_size, inputs=None):
     return " && ".join(f"python preprocess.py {s}" for s in steps + [f"pretokenize {flag}"])
 
 
-def load_meta(data_dir, vocab_size):
-    """meta.json of the pretokenized folder data_dir/tok{vocab_size}/, or a one-line exit saying how to make it."""
+def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
+    """meta.json of the pretokenized folder data_dir/tok{vocab_size}/, once it, the shards beside it and (if given)
+    the tokenizer's sha256 are checked; else a one-line exit naming the command that makes them."""
     shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
-    path = os.path.join(shard_dir, "meta.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with "
-                         f"`{_make_command(data_dir, vocab_size)}`")
-    meta = _read_json(path)
-    if not isinstance(meta, dict) or not all(k in meta for k in ("vocab_size", "dtype", "splits", "tokenizer_sha256")):
-        raise SystemExit(f"{path} is damaged or not from tinyllm: delete {shard_dir} and run pretokenize again")
+    meta = _read_json(os.path.join(shard_dir, "meta.json"))
+    make = f"`{_make_command(data_dir, vocab_size, meta.get('inputs') if isinstance(meta, dict) else None)}`"
+    if not os.path.exists(os.path.join(shard_dir, "meta.json")):
+        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {make}")
+    problem = _shards_problem(shard_dir, meta)
+    if problem:
+        raise SystemExit(f"{problem}: delete {shard_dir} and run {make}")
+    if meta["vocab_size"] != vocab_size:
+        raise SystemExit(f"{shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
+                         f"vocab_size={vocab_size}: run {make}")
+    if tokenizer_sha256 is not None and meta["tokenizer_sha256"] != tokenizer_sha256:
+        raise SystemExit(f"{shard_dir} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}..., "
+                         f"expected {tokenizer_sha256[:12]}...): run {make} with the tokenizer you train with")
     return meta
 
 
@@ -902,59 +913,34 @@ class BatchStream:
             raise SystemExit(f"rank {rank} is not in [0, world_size={world_size})")
 
         self.shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
-        meta = load_meta(data_dir, vocab_size)
-        fix = f"run `{_make_command(data_dir, vocab_size, meta.get('inputs'))}`"
-        if meta["vocab_size"] != vocab_size:
-            raise SystemExit(f"{self.shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
-                             f"vocab_size={vocab_size}: {fix}")
-        if tokenizer_sha256 is not None and meta["tokenizer_sha256"] != tokenizer_sha256:
-            raise SystemExit(f"{self.shard_dir} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}"
-                             f"..., expected {tokenizer_sha256[:12]}...): {fix} with the tokenizer you train with")
-        try:
-            self.dtype = np.dtype(meta["dtype"])
-            split_shards = {str(k): int(v) for k, v in meta["splits"][split]["shards"].items()}
-            bad = _bad_shard(self.shard_dir, meta, [split])
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise SystemExit(f"{self.shard_dir}/meta.json is damaged or not from tinyllm: delete {self.shard_dir} "
-                             f"and {fix}") from None
-        if bad:
-            raise SystemExit(f"{bad[0]} is missing or not {bad[1]} tokens long (interrupted or edited?): delete "
-                             f"{self.shard_dir} and {fix}")
+        meta = load_meta(data_dir, vocab_size, tokenizer_sha256)
+        self.dtype = np.dtype(meta["dtype"])
+        split_shards = {str(k): int(v) for k, v in meta["splits"][split]["shards"].items()}
         window = self.max_seq_len + 1
         # (path, tokens) of the shards that hold at least one window: a shorter tail shard is skipped
         self.shards = [(os.path.join(self.shard_dir, name), n) for name, n in split_shards.items() if n >= window]
-        if not split_shards:
-            raise SystemExit(f"{self.shard_dir} has no {split} shards: {fix}")
         if not self.shards:
-            longest = max(split_shards.values())
             raise SystemExit(f"the {split} shards in {self.shard_dir} are shorter than max_seq_len+1={window} tokens "
-                             f"(longest: {longest}): use a smaller max_seq_len or more text")
-        per_rank = sum((n // window) // self.world_size for _, n in self.shards)
-        self.windows_per_epoch = per_rank  # windows this rank reads in one pass over the split
-        if per_rank == 0:
+                             f"(longest: {max(split_shards.values())}): use a smaller max_seq_len or more text")
+        # windows this rank reads in one pass over the split
+        self.windows_per_epoch = sum((n // window) // self.world_size for _, n in self.shards)
+        if self.windows_per_epoch == 0:
             raise SystemExit(f"the {split} split has fewer windows of {window} tokens than world_size="
                              f"{self.world_size} ranks: use a smaller max_seq_len, fewer ranks or more text")
-        self.data_id = hashlib.sha256(json.dumps([meta["tokenizer_sha256"], split_shards])
-                                      .encode()).hexdigest()[:16]
+        self.data_id = hashlib.sha256(json.dumps([meta["tokenizer_sha256"], split_shards]).encode()).hexdigest()[:16]
         self.epoch = self.shard_pos = self.window_pos = self.batches = 0
-        self._plan = self._windows = self._memmap = None
+        self._visit = None  # (epoch, shard_pos), the shard's memmap, this rank's window starts in it
         if state is not None:
             self._restore(state)
 
-    # --- the deterministic visiting order
     def _rng(self, *keys):
         return np.random.default_rng([self.seed, SPLITS.index(self.split), *keys])
 
-    def _epoch_plan(self):
-        if self._plan is None or self._plan[0] != self.epoch:
-            self._plan = (self.epoch, self._rng(self.epoch).permutation(len(self.shards)).tolist())
-        return self._plan[1]
-
     def _shard_windows(self):
-        key = (self.epoch, self.shard_pos)
-        if self._windows is None or self._windows[0] != key:
-            shard = self._epoch_plan()[self.shard_pos]
-            n = self.shards[shard][1]
+        """The memmap of the shard at (epoch, shard_pos) and the start offsets of this rank's windows in it."""
+        if self._visit is None or self._visit[0] != (self.epoch, self.shard_pos):
+            shard = self._rng(self.epoch).permutation(len(self.shards))[self.shard_pos]
+            path, n = self.shards[shard]
             window = self.max_seq_len + 1
             rng = self._rng(self.epoch, shard)
             shift = int(rng.integers(0, min(window, n - window + 1)))  # windows start at a new offset each epoch
@@ -962,11 +948,10 @@ class BatchStream:
             if count // self.world_size == 0:
                 shift, count = 0, n // window
             mine = rng.permutation(count)[self.rank::self.world_size][: count // self.world_size]
-            self._windows = (key, shard, shift + mine * window)
-            if self._memmap is None or self._memmap[0] != shard:
-                # a fresh read-only map per shard visit: pages of the previous shard are released
-                self._memmap = (shard, np.memmap(self.shards[shard][0], dtype=self.dtype, mode="r"))
-        return self._windows[2]
+            # a fresh read-only map per shard visit: pages of the previous shard are released
+            self._visit = ((self.epoch, self.shard_pos), np.memmap(path, dtype=self.dtype, mode="r"),
+                           shift + mine * window)
+        return self._visit[1:]
 
     def __iter__(self):
         return self
@@ -977,14 +962,13 @@ class BatchStream:
         buf = np.empty((self.batch_size, window), dtype=np.int64)
         row = 0
         while row < self.batch_size:
-            if self.shard_pos >= len(self._epoch_plan()):
+            if self.shard_pos >= len(self.shards):
                 self.epoch, self.shard_pos, self.window_pos = self.epoch + 1, 0, 0
                 continue
-            starts = self._shard_windows()
+            data, starts = self._shard_windows()
             if self.window_pos >= len(starts):
                 self.shard_pos, self.window_pos = self.shard_pos + 1, 0
                 continue
-            data = self._memmap[1]
             for start in starts[self.window_pos: self.window_pos + self.batch_size - row]:
                 buf[row] = data[start: start + window]
                 row += 1
@@ -1004,8 +988,7 @@ class BatchStream:
                 "window_pos": self.window_pos, "batches": self.batches}
 
     def _restore(self, state):
-        keys = ("split", "seed", "max_seq_len", "world_size", "data", "epoch", "shard_pos", "window_pos", "batches")
-        if not isinstance(state, dict) or state.get("version") != 1 or any(k not in state for k in keys):
+        if not isinstance(state, dict) or state.get("version") != 1 or not state.keys() >= self.state_dict().keys():
             raise SystemExit("the saved data state is not from this version of preprocess.py: resume without it")
         if state["split"] != self.split:
             raise SystemExit(f"the saved data state is for the {state['split']} split, not {self.split}")
@@ -1030,10 +1013,9 @@ class Task:
     """llama2.c's call shape: Task.iter_batches(split=..., batch_size=..., ...) -> iterator of (x, y)."""
 
     @staticmethod
-    def iter_batches(split, batch_size, max_seq_len, vocab_size, device, data_dir=DATA_DIR, seed=1337, state=None,
-                     tokenizer_sha256=None, rank=None, world_size=None):
-        return BatchStream(split, batch_size, max_seq_len, vocab_size, device, data_dir=data_dir, seed=seed,
-                           state=state, tokenizer_sha256=tokenizer_sha256, rank=rank, world_size=world_size)
+    def iter_batches(*args, **kwargs):
+        """The arguments of BatchStream."""
+        return BatchStream(*args, **kwargs)
 
 # -----------------------------------------------------------------------------
 # command line
