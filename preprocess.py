@@ -1030,38 +1030,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def _corpus_from_args(args):
-    inputs = args.input or default_inputs(args.data_dir)
-    return Corpus(inputs, text_field=args.text_field, doc_per_file=args.doc_per_file, errors=args.errors,
-                  min_doc_chars=args.min_doc_chars)
-
-
-def _cmd_download(args):
-    download(args.name, args.data_dir, url=args.url, sha256=args.sha256, size=args.size, file=args.file,
-             retries=args.retries)
-
-
-def _cmd_train_vocab(args):
-    model_out = args.model_out or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
-    train_vocab(args.vocab_size, _corpus_from_args(args), model_out, sample_bytes=args.sample_bytes,
-                num_threads=args.num_threads, overwrite=args.overwrite)
-
-
-def _cmd_pretokenize(args):
-    if args.tokenizer is None and args.vocab_size is None:
-        raise DataError("pass --vocab_size=N (to use data/tokN.model) or --tokenizer=PATH")
-    tokenizer = args.tokenizer or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
-    if not os.path.isfile(tokenizer):
-        raise DataError(f"tokenizer {tokenizer} not found: run `python preprocess.py train_vocab "
-                        f"--vocab_size={args.vocab_size or 'N'}` first, or pass --tokenizer=PATH")
-    if args.vocab_size is not None:
-        n = Tokenizer(tokenizer).vocab_size
-        if n != args.vocab_size:
-            raise DataError(f"{tokenizer} has {n} pieces, not --vocab_size={args.vocab_size}")
-    pretokenize(tokenizer, _corpus_from_args(args), args.data_dir, val_fraction=args.val_fraction,
-                shard_tokens=args.shard_tokens, num_workers=args.num_workers)
-
-
 def build_parser():
     p = _Parser(prog="preprocess.py", description=__doc__.split("\n\n")[0].strip(),
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -1093,7 +1061,6 @@ def build_parser():
                    help="expected size in bytes of the tinystories archive ('none': don't check)")
     d.add_argument("--file", default=None, help="use this already-downloaded archive/sdist instead of fetching it")
     d.add_argument("--retries", type=int, default=DOWNLOAD_RETRIES, help="times to resume a dropped download")
-    d.set_defaults(func=_cmd_download)
 
     t = verbs.add_parser("train_vocab", parents=[common, reading], help="train a sentencepiece BPE tokenizer",
                          description="Train a sentencepiece BPE tokenizer (byte fallback, digits split) on a sample "
@@ -1106,7 +1073,6 @@ def build_parser():
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing tokenizer that was trained on other input (its shards and the "
                         "checkpoints trained on them no longer match it)")
-    t.set_defaults(func=_cmd_train_vocab)
 
     k = verbs.add_parser("pretokenize", parents=[common, reading], help="tokenize the corpus into shards",
                          description="Tokenize the corpus into DATA_DIR/tok{N}/{train,val}_NNN.bin (BOS + document + "
@@ -1117,14 +1083,37 @@ def build_parser():
                    help="share of documents for val, by a hash of their text (%(default)s; at least one document)")
     k.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file (%(default)s)")
     k.add_argument("--num_workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
-    k.set_defaults(func=_cmd_pretokenize)
     return p
+
+
+def _run(args):
+    if args.verb == "download":
+        return download(args.name, args.data_dir, url=args.url, sha256=args.sha256, size=args.size, file=args.file,
+                        retries=args.retries)
+    if args.verb == "pretokenize":  # the tokenizer first: reading the corpus can take a while
+        if args.tokenizer is None and args.vocab_size is None:
+            raise DataError("pass --vocab_size=N (to use data/tokN.model) or --tokenizer=PATH")
+        args.tokenizer = args.tokenizer or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
+        if not os.path.isfile(args.tokenizer):
+            raise DataError(f"tokenizer {args.tokenizer} not found: run `python preprocess.py train_vocab "
+                            f"--vocab_size={args.vocab_size or 'N'}` first, or pass --tokenizer=PATH")
+        n = Tokenizer(args.tokenizer).vocab_size
+        if args.vocab_size not in (None, n):
+            raise DataError(f"{args.tokenizer} has {n} pieces, not --vocab_size={args.vocab_size}")
+    corpus = Corpus(args.input or default_inputs(args.data_dir), text_field=args.text_field,
+                    doc_per_file=args.doc_per_file, errors=args.errors, min_doc_chars=args.min_doc_chars)
+    if args.verb == "pretokenize":
+        return pretokenize(args.tokenizer, corpus, args.data_dir, val_fraction=args.val_fraction,
+                           shard_tokens=args.shard_tokens, num_workers=args.num_workers)
+    model_out = args.model_out or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
+    train_vocab(args.vocab_size, corpus, model_out, sample_bytes=args.sample_bytes, num_threads=args.num_threads,
+                overwrite=args.overwrite)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        _run(args)
     except DataError as e:
         raise SystemExit(f"preprocess.py {args.verb}: {e}") from None
     except KeyboardInterrupt:
