@@ -58,6 +58,7 @@ SAMPLE_BYTES = 50_000_000     # train_vocab samples at most this much text, even
 CHUNK_CHARS = 1 << 18         # documents go to the pretokenize workers in chunks of about this many characters
 EOT = "<|endoftext|>"
 INPUT_SUFFIXES = (".txt", ".jsonl", ".json")
+SPLITS = ("train", "val")
 
 # -----------------------------------------------------------------------------
 # the corpora `download` knows
@@ -68,8 +69,6 @@ TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolv
 TINYSTORIES_SIZE = 1_608_001_638
 TINYSTORIES_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd7699"
 DOWNLOAD_RETRIES = 3
-
-SPLITS = ("train", "val")
 
 
 class DataError(Exception):
@@ -122,18 +121,11 @@ class _WriteRecorder:
 
 def atomic_write(path, content):
     """Replace the file at path all at once: a reader, a crash or a power cut sees the old contents or the new, never
-    a part. content is bytes, or a function that writes to the binary file it is given.
-
-    The data goes to path + ".tmp" beside the target, is flushed and fsynced, renamed over path, and the directory
-    is fsynced so the rename itself is durable. On any failure (a full disk, Ctrl-C) the .tmp file is removed and
-    path keeps its old contents; a failed write raises its OSError whatever the serializer made of it. A symlink at
-    path is written through (its target gets the new contents); anything else that is not a regular file (a
-    directory, a device) is refused with FileExistsError and left alone.
-
-    tinyllm's one writer of files that must never be torn: checkpoints, tokenizers, meta.json, exports, the loss
-    plot. It lives here because preprocess.py must stay free of torch (its worker processes) and every script that
-    writes files already imports it.
-    """
+    a part. content is bytes, or a function that writes to the binary file it is given. On any failure (a full
+    disk, Ctrl-C) path keeps its old contents, no .tmp file is left, and a failed write raises its own OSError
+    whatever the serializer made of it. A symlink is written through; a directory or device at path is refused.
+    tinyllm's one writer of files that must never be torn (checkpoints, tokenizers, meta.json, exports, the loss
+    plot); it lives here because every script that writes files imports preprocess.py, which stays free of torch."""
     target = os.path.realpath(path)
     if os.path.lexists(target) and not os.path.isfile(target):
         raise FileExistsError(errno.EEXIST, "exists and is not a regular file; refusing to replace it", str(path))
@@ -156,7 +148,7 @@ def atomic_write(path, content):
         if f.error is not None and isinstance(e, Exception) and not isinstance(e, OSError):
             raise f.error from None
         raise
-    try:  # make the rename durable (POSIX; Windows cannot open a directory for this)
+    try:  # fsync the directory so the rename itself survives a power cut (POSIX; Windows cannot open a directory)
         dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)
     except OSError:
         return
