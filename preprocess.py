@@ -1003,11 +1003,7 @@ class BatchStream:
 
 class Task:
     """llama2.c's call shape: Task.iter_batches(split=..., batch_size=..., ...) -> iterator of (x, y)."""
-
-    @staticmethod
-    def iter_batches(*args, **kwargs):
-        """The arguments of BatchStream."""
-        return BatchStream(*args, **kwargs)
+    iter_batches = BatchStream  # a class is not bound to Task as a method: this calls BatchStream(...)
 
 # -----------------------------------------------------------------------------
 # command line
