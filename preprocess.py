@@ -733,12 +733,14 @@ def _shards_problem(shard_dir, meta):
     """What makes meta.json and the shards beside it unusable (damaged, a split without shards, a shard missing or
     not as long as meta.json says), or None when they are intact."""
     try:
-        meta["vocab_size"], meta["tokenizer_sha256"]  # fields the readers need
+        meta["vocab_size"], meta["tokenizer_sha256"], meta["source"]  # read by load_meta, train.py and the CLI
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in SPLITS:
-            if not meta["splits"][split]["shards"]:
+            s = meta["splits"][split]
+            int(s["tokens"]), int(s["bytes"])
+            if not s["shards"]:
                 return f"{shard_dir} has no {split} shards"
-            for name, n in meta["splits"][split]["shards"].items():
+            for name, n in s["shards"].items():
                 path = os.path.join(shard_dir, name)
                 if not os.path.isfile(path) or os.path.getsize(path) != int(n) * itemsize:
                     return f"{path} is missing or not {int(n)} tokens long (interrupted or edited?)"
