@@ -555,25 +555,30 @@ class Muon(torch.optim.Optimizer):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """One token id per row of logits (B, V)."""
+    """One token id per row of logits (B, V), any float dtype (the draw itself is in float32)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
     ids = None  # when set: the vocabulary ids of the columns left in logits
     if top_k is not None and top_k < logits.size(-1):
-        # sample among the k likeliest only: softmax and draw over k columns, not the whole vocabulary (sorted
-        # only where top_p needs them in order: the sort costs more than the draw)
+        # sample among the k likeliest only: the draw over k columns, not the whole vocabulary. On the logits as
+        # they are (dividing by temperature keeps the order; bfloat16's 16-bit keys halve the radix select's
+        # passes on CUDA), sorted only where top_p needs them in order: the sort costs more than the draw
         logits, ids = torch.topk(logits, top_k, dim=-1, sorted=top_p is not None and top_p < 1.0)
-    probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
+        probs = F.softmax(logits.float() / temperature, dim=-1)
         if ids is None:
             probs, ids = probs.sort(dim=-1, descending=True)
         # drop a token when the likelier ones before it already reach top_p (the first one always stays)
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    # draw one token per row: with E_i ~ Exp(1), the argmax of p_i / E_i is token i with probability p_i.
-    # torch.multinomial draws one sample the same way, but first checks probs on the host: a device sync,
-    # which a CUDA graph cannot contain
-    choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
+        # draw one token per row: with E_i ~ Exp(1), the argmax of p_i / E_i is token i with probability p_i.
+        # torch.multinomial draws one sample the same way, but first checks probs on the host: a device sync,
+        # which a CUDA graph cannot contain
+        choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
+    else:
+        # the same draw in log space, which needs no softmax: argmax_i(logits_i / T - log E_i), times T > 0,
+        # is argmax_i(logits_i - T log E_i) (-log E_i is Gumbel noise): two fused ops after the noise
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_().log_()
+        choice = torch.add(logits, noise, alpha=-temperature).argmax(dim=-1, keepdim=True)
     return (choice if ids is None else ids.gather(-1, choice))[:, 0]
 
 
@@ -687,7 +692,7 @@ class Decoder:
                 _add_linear_(h, F.silu(gate) * up, w2)
             logits = _linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), self.w_out)
             self.pos += 1
-            self.token.copy_(sample_next(logits.float(), *self.sampling))
+            self.token.copy_(sample_next(logits, *self.sampling))
 
     def _capture(self):
         """Record one step in a CUDA graph, after warm-up runs (which cuBLAS needs)."""
