@@ -316,8 +316,9 @@ class Transformer(nn.Module):
         B = idx.shape[0]
         start = max(0, idx.shape[1] - L)  # first token of the context window
         decoder, filled = None, False     # filled: the cache holds the window up to the newest token but one
+        ahead = None  # the next token, already queued on the device (see below)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             if idx.shape[1] - start > L:
                 start, filled = idx.shape[1] - L // 2, False
             if not use_cache:
@@ -325,8 +326,16 @@ class Transformer(nn.Module):
             else:
                 if decoder is None:
                     decoder = Decoder(self, B, temperature, top_k, top_p, cuda_graph)
-                next_id = decoder.step() if filled else decoder.prefill(idx[:, start:])
-                filled = True
+                if not filled:
+                    next_id = decoder.prefill(idx[:, start:])
+                else:
+                    next_id = ahead if ahead is not None else decoder.step()
+                filled, ahead = True, None
+                # a step needs nothing from the host (it feeds itself its last token): on a GPU, which runs what is
+                # queued while the host goes on, queue the next step now, so the device computes the next token
+                # while the host reads this one and does its own per-token work, instead of one after the other
+                if idx.device.type != "cpu" and i + 1 < max_new_tokens and idx.shape[1] + 1 - start <= L:
+                    ahead = decoder.step()
             if eos_id is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id == eos_id
