@@ -301,45 +301,58 @@ class Transformer(nn.Module):
         """
         steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, cuda_graph)
         # concatenated outside inference mode, so the result is an ordinary tensor callers may feed to training
-        return torch.cat([idx] + [next_id[:, None] for next_id in steps], dim=1)
+        new = [next_id[:, None] for next_id in steps]
+        return torch.cat([idx] + ([torch.cat(new, dim=1).to(idx.device)] if new else []), dim=1)
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                         use_cache=True, cuda_graph=True):
-        """generate() one step at a time: yields each new token column, a LongTensor (B,), as it is sampled.
+        """generate() one step at a time: yields each new token column, a LongTensor (B,) on the CPU, as it is
+        sampled (read it there: .tolist(); a GPU is already computing the next one meanwhile, see below).
 
         inference_mode rather than no_grad: it also skips autograd's view and version bookkeeping, a measurable
         share of a step on CPU, where a small model's step is mostly per-op overhead. The yielded tensors are
         inference tensors: read them (.tolist()), or clone them before using them in autograd.
         """
         L = self.args.max_seq_len
-        B = idx.shape[0]
-        start = max(0, idx.shape[1] - L)  # first token of the context window
+        B, device = idx.shape[0], idx.device
+        # on CUDA the device runs ahead of the host: right after step t, the token goes to the host by a copy that
+        # does not wait for anything queued later, and step t+1 is queued at once (a step needs nothing from the
+        # host: it feeds itself its last token), so the device computes the next token while the host waits for
+        # this one and does its own per-token work (the graph launch, the reader's printing), not one after the
+        # other. The tokens so far stay on the host: only a prefill sends them to the device.
+        copied = torch.cuda.Event() if device.type == "cuda" else None  # marks this step's token on the host
+        tokens = idx.cpu()
+        start = max(0, tokens.shape[1] - L)  # first token of the context window
         decoder, filled = None, False     # filled: the cache holds the window up to the newest token but one
-        ahead = None  # the next token, already queued on the device (see below)
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        queued = None  # the next step's token, when already queued on the device
+        finished = torch.zeros(B, dtype=torch.bool)
         for i in range(max_new_tokens):
-            if idx.shape[1] - start > L:
-                start, filled = idx.shape[1] - L // 2, False
+            if tokens.shape[1] - start > L:
+                start, filled = tokens.shape[1] - L // 2, False
             if not use_cache:
-                next_id = sample_next(self(idx[:, start:])[:, -1, :].float(), temperature, top_k, top_p)
+                next_id = sample_next(self(tokens[:, start:].to(device))[:, -1, :].float(), temperature, top_k, top_p)
             else:
                 if decoder is None:
                     decoder = Decoder(self, B, temperature, top_k, top_p, cuda_graph)
                 if not filled:
-                    next_id = decoder.prefill(idx[:, start:])
+                    next_id = decoder.prefill(tokens[:, start:].to(device))
                 else:
-                    next_id = ahead if ahead is not None else decoder.step()
-                filled, ahead = True, None
-                # a step needs nothing from the host (it feeds itself its last token): on a GPU, which runs what is
-                # queued while the host goes on, queue the next step now, so the device computes the next token
-                # while the host reads this one and does its own per-token work, instead of one after the other
-                if idx.device.type != "cpu" and i + 1 < max_new_tokens and idx.shape[1] + 1 - start <= L:
-                    ahead = decoder.step()
+                    next_id = queued if queued is not None else decoder.step()
+                filled, queued = True, None
+            if copied is None:
+                next_id = next_id.cpu()
+            else:
+                host = torch.empty(B, dtype=torch.long, pin_memory=True).copy_(next_id, non_blocking=True)
+                copied.record(torch.cuda.current_stream(device))
+                if use_cache and i + 1 < max_new_tokens and tokens.shape[1] + 1 - start <= L:  # a step comes next
+                    queued = decoder.step()
+                copied.synchronize()
+                next_id = host
             if eos_id is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id == eos_id
-            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            tokens = torch.cat((tokens, next_id[:, None]), dim=1)
             yield next_id
             if eos_id is not None and finished.all():
                 return

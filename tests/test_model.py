@@ -176,10 +176,11 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
 def draws_match_softmax_of_top_k(draws, logits, temperature, k):
     """The draws fall only on the k likeliest columns, each as often as softmax(logits / T) over those k says
     (200k draws: the tolerance is over 4 standard errors)."""
+    logits = logits.double().cpu()
     freq = torch.bincount(draws.flatten().cpu(), minlength=logits.numel()).double() / draws.numel()
-    top = logits.double().topk(k).indices
+    top = logits.topk(k).indices
     expected = torch.zeros_like(freq)
-    expected[top] = F.softmax(logits.double()[top] / temperature, -1)
+    expected[top] = F.softmax(logits[top] / temperature, -1)
     assert (freq[expected == 0] == 0).all(), freq
     assert torch.allclose(freq, expected, atol=0.005), (freq, expected)
 
