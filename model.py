@@ -301,36 +301,58 @@ class Transformer(nn.Module):
         """
         steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, cuda_graph)
         # concatenated outside inference mode, so the result is an ordinary tensor callers may feed to training
-        return torch.cat([idx] + [next_id[:, None] for next_id in steps], dim=1)
+        new = [next_id[:, None] for next_id in steps]
+        return torch.cat([idx] + ([torch.cat(new, dim=1).to(idx.device)] if new else []), dim=1)
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                         use_cache=True, cuda_graph=True):
-        """generate() one step at a time: yields each new token column, a LongTensor (B,), as it is sampled.
+        """generate() one step at a time: yields each new token column, a LongTensor (B,) on the CPU, as it is
+        sampled (read it there: .tolist(); a GPU is already computing the next one meanwhile, see below).
 
         inference_mode rather than no_grad: it also skips autograd's view and version bookkeeping, a measurable
         share of a step on CPU, where a small model's step is mostly per-op overhead. The yielded tensors are
         inference tensors: read them (.tolist()), or clone them before using them in autograd.
         """
         L = self.args.max_seq_len
-        B = idx.shape[0]
-        start = max(0, idx.shape[1] - L)  # first token of the context window
+        B, device = idx.shape[0], idx.device
+        # on CUDA the device runs ahead of the host: right after step t, the token goes to the host by a copy that
+        # does not wait for anything queued later, and step t+1 is queued at once (a step needs nothing from the
+        # host: it feeds itself its last token), so the device computes the next token while the host waits for
+        # this one and does its own per-token work (the graph launch, the reader's printing), not one after the
+        # other. The tokens so far stay on the host: only a prefill sends them to the device.
+        copied = torch.cuda.Event() if device.type == "cuda" else None  # marks this step's token on the host
+        tokens = idx.cpu()
+        start = max(0, tokens.shape[1] - L)  # first token of the context window
         decoder, filled = None, False     # filled: the cache holds the window up to the newest token but one
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if idx.shape[1] - start > L:
-                start, filled = idx.shape[1] - L // 2, False
+        queued = None  # the next step's token, when already queued on the device
+        finished = torch.zeros(B, dtype=torch.bool)
+        for i in range(max_new_tokens):
+            if tokens.shape[1] - start > L:
+                start, filled = tokens.shape[1] - L // 2, False
             if not use_cache:
-                next_id = sample_next(self(idx[:, start:])[:, -1, :].float(), temperature, top_k, top_p)
+                next_id = sample_next(self(tokens[:, start:].to(device))[:, -1, :].float(), temperature, top_k, top_p)
             else:
                 if decoder is None:
                     decoder = Decoder(self, B, temperature, top_k, top_p, cuda_graph)
-                next_id = decoder.step() if filled else decoder.prefill(idx[:, start:])
-                filled = True
+                if not filled:
+                    next_id = decoder.prefill(tokens[:, start:].to(device))
+                else:
+                    next_id = queued if queued is not None else decoder.step()
+                filled, queued = True, None
+            if copied is None:
+                next_id = next_id.cpu()
+            else:
+                host = torch.empty(B, dtype=torch.long, pin_memory=True).copy_(next_id, non_blocking=True)
+                copied.record(torch.cuda.current_stream(device))
+                if use_cache and i + 1 < max_new_tokens and tokens.shape[1] + 1 - start <= L:  # a step comes next
+                    queued = decoder.step()
+                copied.synchronize()
+                next_id = host
             if eos_id is not None:
                 next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id == eos_id
-            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            tokens = torch.cat((tokens, next_id[:, None]), dim=1)
             yield next_id
             if eos_id is not None and finished.all():
                 return
@@ -555,25 +577,30 @@ class Muon(torch.optim.Optimizer):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """One token id per row of logits (B, V)."""
+    """One token id per row of logits (B, V), any float dtype (the draw itself is in float32)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
     ids = None  # when set: the vocabulary ids of the columns left in logits
     if top_k is not None and top_k < logits.size(-1):
-        # sample among the k likeliest only: softmax and draw over k columns, not the whole vocabulary (sorted
-        # only where top_p needs them in order: the sort costs more than the draw)
+        # sample among the k likeliest only: the draw over k columns, not the whole vocabulary. On the logits as
+        # they are (dividing by temperature keeps the order; bfloat16's 16-bit keys halve the radix select's
+        # passes on CUDA), sorted only where top_p needs them in order: the sort costs more than the draw
         logits, ids = torch.topk(logits, top_k, dim=-1, sorted=top_p is not None and top_p < 1.0)
-    probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
+        probs = F.softmax(logits.float() / temperature, dim=-1)
         if ids is None:
             probs, ids = probs.sort(dim=-1, descending=True)
         # drop a token when the likelier ones before it already reach top_p (the first one always stays)
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    # draw one token per row: with E_i ~ Exp(1), the argmax of p_i / E_i is token i with probability p_i.
-    # torch.multinomial draws one sample the same way, but first checks probs on the host: a device sync,
-    # which a CUDA graph cannot contain
-    choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
+        # draw one token per row: with E_i ~ Exp(1), the argmax of p_i / E_i is token i with probability p_i.
+        # torch.multinomial draws one sample the same way, but first checks probs on the host: a device sync,
+        # which a CUDA graph cannot contain
+        choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
+    else:
+        # the same draw in log space, which needs no softmax: argmax_i(logits_i / T - log E_i), times T > 0,
+        # is argmax_i(logits_i - T log E_i) (-log E_i is Gumbel noise): two fused ops after the noise
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_().log_()
+        choice = torch.add(logits, noise, alpha=-temperature).argmax(dim=-1, keepdim=True)
     return (choice if ids is None else ids.gather(-1, choice))[:, 0]
 
 
@@ -687,7 +714,7 @@ class Decoder:
                 _add_linear_(h, F.silu(gate) * up, w2)
             logits = _linear(F.rms_norm(h, (a.dim,), eps=a.norm_eps), self.w_out)
             self.pos += 1
-            self.token.copy_(sample_next(logits.float(), *self.sampling))
+            self.token.copy_(sample_next(logits, *self.sampling))
 
     def _capture(self):
         """Record one step in a CUDA graph, after warm-up runs (which cuBLAS needs)."""

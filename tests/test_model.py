@@ -173,6 +173,48 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
     assert set(sample_next(logits, temperature=0).tolist()) == {0}
 
 
+def draws_match_softmax_of_top_k(draws, logits, temperature, k):
+    """The draws fall only on the k likeliest columns, each as often as softmax(logits / T) over those k says
+    (200k draws: the tolerance is over 4 standard errors)."""
+    logits = logits.double().cpu()
+    freq = torch.bincount(draws.flatten().cpu(), minlength=logits.numel()).double() / draws.numel()
+    top = logits.topk(k).indices
+    expected = torch.zeros_like(freq)
+    expected[top] = F.softmax(logits[top] / temperature, -1)
+    assert (freq[expected == 0] == 0).all(), freq
+    assert torch.allclose(freq, expected, atol=0.005), (freq, expected)
+
+
+@pytest.mark.parametrize("temperature,k", [(1.5, 4), (0.5, 3), (0.8, 8)])  # k = 8: no top-k, the whole row
+def test_sampling_follows_softmax_over_the_top_k(temperature, k):
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, -2.0, 3.0, 0.0, 2.5, -3.0, 2.0, -1.0])  # the likeliest are not the first columns
+    draws = sample_next(logits.expand(200_000, -1), temperature, top_k=k)
+    draws_match_softmax_of_top_k(draws, logits, temperature, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_in_a_cuda_graph_draws_afresh_at_each_replay():
+    # what the captured decode step relies on: bfloat16 logits (these values are exact in it), fresh noise per replay
+    logits = torch.tensor([1.0, -2.0, 3.0, 0.0, 2.5, -3.0, 2.0, -1.0], device="cuda")
+    rows = logits.bfloat16().expand(40_000, -1)
+    out = torch.zeros(rows.shape[0], dtype=torch.long, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out.copy_(sample_next(rows, 1.5, top_k=4))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(sample_next(rows, 1.5, top_k=4))
+    draws = []
+    for _ in range(5):
+        graph.replay()
+        draws.append(out.clone())
+    assert not any(torch.equal(draws[0], d) for d in draws[1:])
+    draws_match_softmax_of_top_k(torch.stack(draws), logits, 1.5, 4)
+
+
 def test_parameter_count_matches_analytic_count():
     a = ModelArgs(dim=288, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=4096, max_seq_len=256)
     m = Transformer(a)
