@@ -292,6 +292,7 @@ class Stepper:
         self.stats = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
         self.pin = torch.device(device).type == "cuda"
         self.graph, self.steps, self.odd = None, 0, None
+        self.pending = [] if grads is not None and self.pin else None  # CUDA events: the ends of steps not waited for
         if capture:
             for opt in optimizers:
                 for group in opt.param_groups:
@@ -338,6 +339,27 @@ class Stepper:
                 self._run(self.x, self.y)
             self.graph.replay()  # capturing only recorded the step
         self.steps += 1
+        if self.pending is not None:
+            self.pending.append(torch.cuda.Event())
+            self.pending[-1].record()
+
+    def wait(self, timeout):
+        """Under torchrun on CUDA, wait for the steps taken so far, each for at most timeout seconds (ddp_timeout);
+        else return at once (the host reads that follow wait as they do).
+
+        The process group's own timeout does not watch collectives captured in a CUDA graph: without this, a
+        process that died or hangs would leave the others blocked for ever at their next read of the results.
+        It polls, so SIGTERM/Ctrl-C handlers run meanwhile.
+        """
+        for done in self.pending or ():
+            t0 = time.time()
+            while not done.query():
+                if time.time() - t0 > timeout:
+                    raise dist.DistError(f"no step ended for {timeout:.0f} s (ddp_timeout): a collective waits for a "
+                                         "process that died or hangs")
+                time.sleep(2e-4)
+        if self.pending:
+            self.pending.clear()
 
 
 def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, dtype_name, grad_clip, grads, fast):
@@ -944,14 +966,17 @@ def train():
         if iter_num == resume_iter + 1 and master:
             stats["loss"].item()  # wait for the first step (compilation included)
             print(f"first step done {time.time() - PROCESS_START:.1f} s after start", flush=True)
-        if budget is not None and budget.timed(iter_num):
-            max_iters = budget_iters = budget.fit(iter_num, model, optimizers, ddp, dev, master)
-            budget = None
+        if budget is not None:
+            stepper.wait(ddp_timeout)  # the budget times the steps: it waits for each anyway
+            if budget.timed(iter_num):
+                max_iters = budget_iters = budget.fit(iter_num, model, optimizers, ddp, dev, master)
+                budget = None
 
         logging = iter_num % log_interval == 0 or iter_num == max_iters
         # max_bad_steps: the count lives on the device; read it where that costs nothing (the CPU, log iterations),
         # else every max_bad_steps iterations: at most 2 x max_bad_steps - 1 non-finite steps before the stop
         if logging or device_type == "cpu" or iter_num % max_bad_steps == 0:
+            stepper.wait(ddp_timeout)  # (under torchrun: bounded; the host reads below then find the results ready)
             n_bad = int(stats["bad_steps"].item())
             if n_bad >= max_bad_steps:
                 held = (f"{ckpt_path} holds iteration {saved_iter} (skipped steps change no weights)"

@@ -686,6 +686,24 @@ def test_cuda_training_end_to_end(data_dir, tmp_path, dtype, optimizer):
     assert all(math.isfinite(m["loss"]) for m in metrics(out) if "loss" in m)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_torchrun_two_gpus_capture_the_step_and_match_one(data_dir, tmp_path):
+    """Under torchrun on 2 GPUs the step, all_reduce included, is one CUDA graph, and it takes the steps one GPU
+    takes at the same global batch (float32; TF32 matmuls of other shapes: not bitwise)."""
+    common = dict(device="cuda", dtype="float32", compile=False, max_iters=10, eval_interval=10, log_interval=1,
+                  gradient_accumulation_steps=2, batch_size=8)
+    train_cli(data_dir, tmp_path / "one", **common)
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+             *settings(data_dir, tmp_path / "two", **common)], ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "step: one CUDA graph" in r.stdout and "by one all_reduce inside the graph" in r.stdout, r.stdout
+    one, two = [[m for m in metrics(tmp_path / d) if "loss" in m] for d in ("one", "two")]
+    assert [m["iter"] for m in one] == [m["iter"] for m in two] == list(range(1, 11))
+    for a, b in zip(one, two):  # steps 1-3: eager warm-up; 4-10: replays of the graph
+        assert b["loss"] == pytest.approx(a["loss"], rel=5e-3) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                   rel=5e-3)
+
+
 def test_fit_iters_to_budget():
     # 100 s budget, 10 s spent at iteration 10, 1 s per step, an evaluation (with checkpoints) of 5 s every 20
     # iterations and at the end: n = 80 costs 10 + 70 + 4 evaluations (20, 40, 60, 80) = 100 s; n = 81 needs a
