@@ -78,7 +78,7 @@ def measure(name, shape, batch_size, accum, device, fast, iters):
         optimizers = train.build_optimizers(model, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     stepper, line = train.make_stepper(model, optimizers, scaler, accum, batch_size, shape["max_seq_len"], device,
-                                       dtype, 1.0, False, fast)
+                                       dtype, 1.0, None, fast)
     gen = torch.Generator().manual_seed(0)
     pool = [torch.randint(0, shape["vocab_size"], (batch_size, shape["max_seq_len"] + 1), generator=gen)
             for _ in range(3 * accum)]  # a few iterations' worth of batches, in turn

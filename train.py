@@ -24,12 +24,10 @@ import sys
 import time
 
 PROCESS_START = time.time()  # before torch is imported: the banner reports the seconds to the first step
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail, settings_of
 from model import (ModelArgs, Muon, Transformer, adamw, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
@@ -165,28 +163,73 @@ def set_lr(optimizers, it):
 # -----------------------------------------------------------------------------
 # the training step
 
-def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, ddp):
+class GradBuffer:
+    """Data parallel without a wrapper: every parameter's .grad is a view into one flat buffer per dtype, allocated
+    once, and one all_reduce per buffer sums the gradients of all processes.
+
+    Backward accumulates into the views in place, so after the micro-batches the whole gradient lies in the
+    buffers; the mean loss rides along in one extra float32 element, so every process logs the global mean and
+    sees the same non-finite verdict. One collective at the end of the backward pass (no bucketing, no hooks) is
+    what lets a CUDA graph capture the whole step, the all_reduce included; not overlapping it with the backward
+    pass costs nothing measurable on one NVLink host (README.md, "Several GPUs": 2.01x on 2 GPUs).
+    """
+
+    def __init__(self, params, world_size):
+        params = list(params)
+        self.world_size = world_size
+        by_dtype = {torch.float32: []}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        self.buffers = []
+        for dtype, ps in by_dtype.items():
+            extra = 1 if dtype == torch.float32 else 0
+            flat = torch.zeros(sum(p.numel() for p in ps) + extra, dtype=dtype, device=params[0].device)
+            offset = 0
+            for p in ps:
+                p.grad = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            if extra:
+                self.loss = flat[offset]
+            self.buffers.append(flat)
+
+    def zero_(self):
+        for flat in self.buffers:
+            flat.zero_()
+
+    def all_reduce(self, loss):
+        """Sum the gradients (and loss, a 0-d float32 tensor, in place) over all processes."""
+        self.loss.copy_(loss)
+        for flat in self.buffers:
+            dist.all_reduce(flat)
+        loss.copy_(self.loss)
+
+
+def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, grads=None):
     """One optimizer step over the micro-batches x[i], y[i] (x, y: micro_steps x rows x seq_len, on the device).
 
-    Forward/backward per micro-batch (gradients summed, all-reduced once under DDP), clipping, the non-finite skip
-    and the update. Its results go in place into the 0-d device tensors of stats (loss: the mean loss; grad_norm;
-    bad: this step was skipped; bad_steps: consecutive skipped steps; skipped: all of them), with no host sync,
-    so the same code runs eagerly or inside a CUDA graph.
+    Forward/backward per micro-batch (gradients summed; with a GradBuffer, into it, then summed over processes
+    with one all_reduce), clipping, the non-finite skip and the update. Its results go in place into the 0-d
+    device tensors of stats (loss: the mean loss over all processes; grad_norm; bad: this step was skipped;
+    bad_steps: consecutive skipped steps; skipped: all of them), with no host sync, so the same code runs eagerly
+    or inside a CUDA graph.
     """
-    raw_model = model.module if ddp else model
     micro_steps = x.shape[0]
+    parts = micro_steps * (grads.world_size if grads is not None else 1)  # the mean over every micro-batch
     stats["loss"].zero_()
+    if grads is not None:
+        grads.zero_()
     for i in range(micro_steps):
-        sync = not ddp or i == micro_steps - 1  # all-reduce gradients only on the last micro-step
-        with (nullcontext() if sync else model.no_sync()), ctx:
+        with ctx:
             model(x[i], y[i], return_logits=False)
-            loss = raw_model.last_loss / micro_steps
-            raw_model.last_loss = raw_model.last_loss.detach()  # keep no autograd graph alive past the step
+            loss = model.last_loss / parts
+            model.last_loss = model.last_loss.detach()  # keep no autograd graph alive past the step
         scaler.scale(loss).backward()
         stats["loss"].add_(loss.detach().float())
+    if grads is not None:
+        grads.all_reduce(stats["loss"])
     for opt in optimizers:
         scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else 1e30)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else 1e30)
     bad = ~torch.isfinite(stats["loss"]) | ~torch.isfinite(grad_norm)
     if scaler.is_enabled():
         # float16: the scaler skips steps whose gradients overflowed (and lowers its scale)
@@ -199,8 +242,9 @@ def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, ddp):
             opt.grad_scale, opt.found_inf = None, bad.float()
             opt.step()
             del opt.grad_scale, opt.found_inf
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    if grads is None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
     stats["grad_norm"].copy_(grad_norm)
     stats["bad"].copy_(bad)
     stats["bad_steps"].add_(1).mul_(bad)  # consecutive count: reset by a good step
@@ -240,14 +284,15 @@ class Stepper:
 
     warmup_steps = 3
 
-    def __init__(self, model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, ddp, capture):
+    def __init__(self, model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, grads, capture):
         self.model, self.optimizers, self.scaler, self.ctx = model, optimizers, scaler, ctx
-        self.grad_clip, self.ddp, self.capture = grad_clip, ddp, capture
+        self.grad_clip, self.grads, self.capture = grad_clip, grads, capture
         self.x = torch.zeros((micro_steps, rows, seq_len), dtype=torch.long, device=device)
         self.y = torch.zeros_like(self.x)
         self.stats = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
         self.pin = torch.device(device).type == "cuda"
         self.graph, self.steps, self.odd = None, 0, None
+        self.pending = [] if grads is not None and self.pin else None  # CUDA events: the ends of steps not waited for
         if capture:
             for opt in optimizers:
                 for group in opt.param_groups:
@@ -270,7 +315,7 @@ class Stepper:
         self.y.copy_(y.view_as(self.y), non_blocking=True)
 
     def _run(self, x, y):
-        train_step(self.model, self.optimizers, self.scaler, x, y, self.stats, self.ctx, self.grad_clip, self.ddp)
+        train_step(self.model, self.optimizers, self.scaler, x, y, self.stats, self.ctx, self.grad_clip, self.grads)
 
     def __call__(self):
         if self.odd is not None:
@@ -286,32 +331,57 @@ class Stepper:
                 self._run(self.x, self.y)
             torch.cuda.current_stream().wait_stream(side)
         else:
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)  # the graph allocates the gradients in its own memory pool
+            if self.grads is None:  # the graph allocates the gradients in its own memory pool (else: the buffer)
+                for opt in self.optimizers:
+                    opt.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self._run(self.x, self.y)
             self.graph.replay()  # capturing only recorded the step
         self.steps += 1
+        if self.pending is not None:
+            self.pending.append(torch.cuda.Event())
+            self.pending[-1].record()
+
+    def wait(self, timeout):
+        """Under torchrun on CUDA, wait for the steps taken so far, each for at most timeout seconds (ddp_timeout);
+        else return at once (the host reads that follow wait as they do).
+
+        The process group's own timeout does not watch collectives captured in a CUDA graph: without this, a
+        process that died or hangs would leave the others blocked for ever at their next read of the results.
+        It polls, so SIGTERM/Ctrl-C handlers run meanwhile.
+        """
+        for done in self.pending or ():
+            t0 = time.time()
+            while not done.query():
+                if time.time() - t0 > timeout:
+                    raise dist.DistError(f"no step ended for {timeout:.0f} s (ddp_timeout): a collective waits for a "
+                                         "process that died or hangs")
+                time.sleep(2e-4)
+        if self.pending:
+            self.pending.clear()
 
 
-def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, dtype_name, grad_clip, ddp, fast):
-    """The Stepper for this run and the banner line that says which path it takes and why."""
-    raw_model = model.module if ddp else model
+def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, dtype_name, grad_clip, grads, fast):
+    """The Stepper for this run and the banner line that says which path it takes and why.
+
+    grads: the GradBuffer of a data-parallel run (None for one process).
+    """
     device_type = torch.device(device).type
     fast = fast and device_type == "cuda"
-    micro_steps, rows = plan_micro_batches(accum, batch_size, seq_len, raw_model.args, device, merge=fast)
+    micro_steps, rows = plan_micro_batches(accum, batch_size, seq_len, model.args, device, merge=fast)
     if not fast:
         why_not = ["cuda_graph=False" if device_type == "cuda" else f"CUDA graphs need CUDA, not {device_type}"]
     else:
-        why_not = [reason for reason, blocks in (
-            ("not yet under DDP", ddp),
-            ("float16's GradScaler checks for overflow on the host", scaler.is_enabled())) if blocks]
+        why_not = ["float16's GradScaler checks for overflow on the host"] if scaler.is_enabled() else []
     capture = not why_not
     ctx = autocast_ctx(device, dtype_name, cache=not capture)
-    stepper = Stepper(model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, ddp, capture)
+    stepper = Stepper(model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, grads, capture)
     line = ("step: one CUDA graph (captured after %d warm-up steps)" % Stepper.warmup_steps if capture
             else "step: plain (not captured: %s)" % "; ".join(why_not))
+    if grads is not None:
+        line += (f"; gradients summed over {grads.world_size} processes by one all_reduce"
+                 + (" inside the graph" if capture else ""))
     if micro_steps != accum:
         line += (f"; {accum} micro-batches of {batch_size} merged into {micro_steps} of {rows} (same gradient, "
                  "fewer launches)")
@@ -743,21 +813,26 @@ def train():
                       f": some are counted more than once. --eval_iters={max(1, windows // batch_size)} reads each "
                       "at most once", file=sys.stderr)
 
-    raw_model = model
     use_compile = compile if compile is not None else device_type == "cuda"
     if use_compile:
         try:
             torch.compile(lambda x: x * 2)(torch.ones(2, device=dev))  # fails fast without a working toolchain
-            raw_model.compile_regions()
+            model.compile_regions()
         except Exception as e:
             use_compile = False
             print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                   "running without it")
+    grads = None
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        # data parallel: every process starts from rank 0's weights (each drew its own with seed + rank) and takes
+        # the same step from gradients summed over all of them (GradBuffer; no DDP wrapper, so the step, the
+        # all_reduce included, can be captured as one CUDA graph)
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+        grads = GradBuffer(model.parameters(), world_size)
     ctx = autocast_ctx(dev, dtype_name)  # evaluation's
     stepper, step_line = make_stepper(model, optimizers, scaler, accum, batch_size, max_seq_len, dev, dtype_name,
-                                      grad_clip, ddp, cuda_graph)
+                                      grad_clip, grads, cuda_graph)
 
     train_batches = batches("train", state=data_state, on="cpu")  # the stepper copies them to the device
 
@@ -776,8 +851,8 @@ def train():
             for _ in range(eval_iters):
                 x, y = next(stream)
                 with ctx:
-                    raw_model(x, y, return_logits=False)  # outside DDP: evaluation needs no gradient sync
-                total += raw_model.last_loss.float()
+                    model(x, y, return_logits=False)
+                total += model.last_loss.float()
             if ddp:
                 dist.all_reduce(total)
             out[split] = total.item() / (eval_iters * world_size)
@@ -792,7 +867,7 @@ def train():
             states = gathered
         if not master:
             return
-        ckpt = checkpoint_dict(raw_model, model_args, optimizer=[optimizer_state(o) for o in optimizers],
+        ckpt = checkpoint_dict(model, model_args, optimizer=[optimizer_state(o) for o in optimizers],
                                scaler=scaler.state_dict() if scaler.is_enabled() else None, iter_num=iter_num,
                                best_val_loss=best_val_loss, config=config, rng=rng_state(),
                                data_state={"world_size": world_size, "ranks": states},
@@ -822,8 +897,8 @@ def train():
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
-        n = raw_model.num_params()
-        print(f"model: {n / 1e6:.2f}M parameters ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M without "
+        n = model.num_params()
+        print(f"model: {n / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M without "
               f"embeddings), {n_layers} layers, dim {dim}, {n_heads} heads ({n_kv_heads} kv), "
               f"context {max_seq_len}, vocab {vocab_size}")
         print(f"data: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} val "
@@ -895,14 +970,17 @@ def train():
         if iter_num == resume_iter + 1 and master:
             stats["loss"].item()  # wait for the first step (compilation included)
             print(f"first step done {time.time() - PROCESS_START:.1f} s after start", flush=True)
-        if budget is not None and budget.timed(iter_num):
-            max_iters = budget_iters = budget.fit(iter_num, raw_model, optimizers, ddp, dev, master)
-            budget = None
+        if budget is not None:
+            stepper.wait(ddp_timeout)  # the budget times the steps: it waits for each anyway
+            if budget.timed(iter_num):
+                max_iters = budget_iters = budget.fit(iter_num, model, optimizers, ddp, dev, master)
+                budget = None
 
         logging = iter_num % log_interval == 0 or iter_num == max_iters
         # max_bad_steps: the count lives on the device; read it where that costs nothing (the CPU, log iterations),
         # else every max_bad_steps iterations: at most 2 x max_bad_steps - 1 non-finite steps before the stop
         if logging or device_type == "cpu" or iter_num % max_bad_steps == 0:
+            stepper.wait(ddp_timeout)  # (under torchrun: bounded; the host reads below then find the results ready)
             n_bad = int(stats["bad_steps"].item())
             if n_bad >= max_bad_steps:
                 held = (f"{ckpt_path} holds iteration {saved_iter} (skipped steps change no weights)"
@@ -924,7 +1002,7 @@ def train():
             if master and first_estimate and ms_per_iter is not None:
                 print(f"estimated training time: {(max_iters - iter_num) * ms_per_iter / 60000:.1f} min for the "
                       f"remaining {max_iters - iter_num} iterations at {ms_per_iter:.0f} ms each (plus evaluations)")
-            mfu = raw_model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
+            mfu = model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
             lr, tok_per_s = lr_at(iter_num - 1), tokens_per_iter / ms * 1000  # the step just taken
             if master:
                 eta = (max_iters - iter_num) * (ms_per_iter or ms) / 1000
@@ -950,6 +1028,7 @@ def train():
                   + f"; metrics: {metrics_path}" + (f"; plot: {plot_path}" if os.path.exists(plot_path) else ""))
             print(f"next: python sample.py --ckpt {ckpt_path}")
     if ddp:
+        stepper.graph = None  # a graph that holds a captured NCCL collective can hang the teardown (PyTorch #115388)
         dist.barrier()  # tear down together: gloo aborts a process whose peer has already closed its connections
         dist.destroy_process_group()
     release_out_dir()

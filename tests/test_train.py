@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import importlib.util
 import shlex
 import shutil
@@ -152,7 +153,7 @@ def test_train_step_over_micro_batches_equals_one_merged_batch(monkeypatch, opti
         stats = {k: torch.zeros(()) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         train_module.train_step(model, optimizers, scaler, x.view(micro_steps, -1, 16), y.view(micro_steps, -1, 16),
-                                stats, train_module.autocast_ctx("cpu", "float32"), 1.0, False)
+                                stats, train_module.autocast_ctx("cpu", "float32"), 1.0)
         return stats, [p.detach() for p in model.parameters()]
 
     (merged, weights), (split, split_weights) = step(1), step(4)
@@ -513,10 +514,17 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path):
                         "train.py", *settings(data_dir, double, **common)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 process(es)" in r.stdout
+    assert "2 process(es)" in r.stdout and "gradients summed over 2 processes by one all_reduce" in r.stdout
+    # the two ranks' micro-batches hold the windows of the one process's two (the batch stream deals them out in
+    # turn), and every rank starts from rank 0's weights: the same global batch, so the same steps. Each logged
+    # loss is the mean over both processes, as the one process logs it
+    logged = [[(m["loss"], m["grad_norm"]) for m in metrics(d) if "loss" in m] for d in (single, double)]
+    assert len(logged[0]) == len(logged[1]) == 8
+    for (loss1, norm1), (loss2, norm2) in zip(*logged):
+        assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
     one = [m for m in metrics(single) if "val_loss" in m][-1]["val_loss"]
     two = [m for m in metrics(double) if "val_loss" in m][-1]["val_loss"]
-    assert abs(one - two) / one < 0.05  # same global batch, different (rank-sharded) samples
+    assert abs(one - two) / one < 0.05  # evaluation: each rank reads its own share of the val windows
     # the single-process run resumed by two processes: each continues from rank 0's place in the data
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *settings(data_dir, single, **{**common, "max_iters": 50})],
@@ -564,6 +572,29 @@ def test_a_dead_rank_ends_the_job_with_a_message(data_dir, tmp_path):
     assert ckpt["iter_num"] >= 10 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_a_log_iteration(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train.py", *settings(data_dir, out, max_iters=100000, eval_interval=100000,
+                                                       log_interval=5)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and launcher.poll() is None:
+        if os.path.exists(out / "metrics.jsonl") and len(metrics(out)) >= 3:  # the eval at 0, then 2 logs
+            break
+        time.sleep(0.05)
+    pids = worker_pids(launcher.pid)
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signal.SIGTERM)  # only rank 1 is told: rank 0 hears of it at the next log iteration
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 0, output
+    stops = [int(w) for w in re.findall(r"stopped at iteration (\d+)", output)]
+    assert len(stops) == 1 and stops[0] % 5 == 0, output  # printed once (rank 0), at a log iteration
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == stops[0] and len(ckpt["data_state"]["ranks"]) == 2
+
+
 def test_configs_parse():
     names = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
     assert {"tiny.py", "shakespeare.py", "stories15M.py", "stories42M.py", "stories110M.py"} <= set(names)
@@ -597,7 +628,7 @@ def test_captured_step_matches_the_plain_step(monkeypatch, optimizer):
         optimizers = train_module.build_optimizers(model, "cuda")
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         step = train_module.Stepper(model, optimizers, scaler, 2, 4, 32, "cuda", train_module.autocast_ctx(
-            "cuda", "float32", cache=not capture), 1.0, False, capture)
+            "cuda", "float32", cache=not capture), 1.0, None, capture)
         losses, evals, skipped = [], [], []
         batches = iter(data)
         for it in range(12):
@@ -653,6 +684,24 @@ def test_cuda_training_end_to_end(data_dir, tmp_path, dtype, optimizer):
     r = train_cli(data_dir, out, max_iters=45, **common)  # resumes into a new graph
     assert "resuming from" in r.stdout and load_checkpoint(out / "ckpt.pt")["iter_num"] == 45
     assert all(math.isfinite(m["loss"]) for m in metrics(out) if "loss" in m)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_torchrun_two_gpus_capture_the_step_and_match_one(data_dir, tmp_path):
+    """Under torchrun on 2 GPUs the step, all_reduce included, is one CUDA graph, and it takes the steps one GPU
+    takes at the same global batch (float32; TF32 matmuls of other shapes: not bitwise)."""
+    common = dict(device="cuda", dtype="float32", compile=False, max_iters=10, eval_interval=10, log_interval=1,
+                  gradient_accumulation_steps=2, batch_size=8)
+    train_cli(data_dir, tmp_path / "one", **common)
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+             *settings(data_dir, tmp_path / "two", **common)], ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "step: one CUDA graph" in r.stdout and "by one all_reduce inside the graph" in r.stdout, r.stdout
+    one, two = [[m for m in metrics(tmp_path / d) if "loss" in m] for d in ("one", "two")]
+    assert [m["iter"] for m in one] == [m["iter"] for m in two] == list(range(1, 11))
+    for a, b in zip(one, two):  # steps 1-3: eager warm-up; 4-10: replays of the graph
+        assert b["loss"] == pytest.approx(a["loss"], rel=5e-3) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                   rel=5e-3)
 
 
 def test_fit_iters_to_budget():
