@@ -632,8 +632,9 @@ class Decoder:
         H, KV, hd, L = a.n_heads, a.n_kv_heads, a.dim // a.n_heads, a.max_seq_len
 
         # a CPU's BLAS computes a product with one row (batch 1) on one core: there each matrix is cut by rows into
-        # one block per thread, and one bmm over the blocks runs them in parallel (see _linear)
-        self.blocks = torch.get_num_threads() if device.type == "cpu" else 1
+        # one block per thread, and one bmm over the blocks runs them in parallel (see _linear). With more rows
+        # BLAS splits the work itself, and the blocks only cost copies (batch 16 on 2 cores: 0.84x the old loop)
+        self.blocks = torch.get_num_threads() if device.type == "cpu" and batch_size == 1 else 1
 
         def prepared(w):
             w = w.to(self.dtype)
