@@ -28,6 +28,7 @@ import http.client
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -660,21 +661,33 @@ def _init_worker(model_bytes):
 
 def _encode_chunk(docs, val_fraction, dtype):
     """Tokenize documents as BOS + text + EOS and sort them into train/val by a hash of their text (so a repeated
-    document always lands in the same split); "last_train" is the last train document's (tokens, bytes)."""
+    document always lands in the same split); "lowest" holds the two smallest distinct hashes, from which
+    pretokenize names a --val_fraction that works when no document went to val."""
     bos, eos = _worker_sp.bos_id(), _worker_sp.eos_id()
     out = {s: {"ids": [], "documents": 0, "bytes": 0} for s in SPLITS}
-    out["last_train"] = None
+    hashes = set()
     for text, ids in zip(docs, _worker_sp.encode(docs, num_threads=1)):  # one thread: the pool is the parallelism
         raw = text.encode("utf-8")
-        split = "val" if _stable_fraction(raw) < val_fraction else "train"
+        fraction = _stable_fraction(raw)
+        hashes.add(fraction)
+        split = "val" if fraction < val_fraction else "train"
         out[split]["ids"] += [bos, *ids, eos]
         out[split]["documents"] += 1
         out[split]["bytes"] += len(raw)
-        if split == "train":
-            out["last_train"] = (len(ids) + 2, len(raw))
     for s in SPLITS:
         out[s]["ids"] = np.array(out[s]["ids"], dtype=dtype)
+    out["lowest"] = sorted(hashes)[:2]
     return out
+
+
+def _val_fraction_for_one(lowest):
+    """The shortest decimal above the lowest document hash and at most the next one: as --val_fraction it sends the
+    document with the lowest hash (and its copies) to val and keeps every other one in train."""
+    for digits in range(1, 17):
+        fraction = math.floor(lowest[0] * 10**digits + 1) / 10**digits
+        if fraction <= lowest[1]:
+            return fraction
+    return lowest[1]
 
 
 def _encoded_chunks(corpus, pool, depth, val_fraction, dtype):
@@ -780,36 +793,29 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
         _init_worker(tok.model_bytes)
     print(f"tokenizing {corpus.description()} with {tokenizer_path} ({num_workers} processes)")
     try:
-        pending = None  # the newest chunk is held back: if no document went to val, its last train document goes there
+        lowest = []  # the two smallest distinct document hashes so far (see _val_fraction_for_one)
         with _bar(desc="pretokenize", total=corpus.total_bytes, unit="B", unit_scale=True) as bar:
             for result in _encoded_chunks(corpus, pool, 2 * num_workers, val_fraction, dtype):
                 bar.update(corpus.bytes_read - bar.n)
-                if pending is not None:
-                    for s in SPLITS:
-                        writers[s].write(pending[s])
-                pending = result
-        if pending is None:
-            raise DataError(f"no text in {corpus.description()}")
-        if writers["val"].stats["documents"] + pending["val"]["documents"] == 0:
-            # tiny corpora: no document hashed into val, so the last train document becomes the val split
-            (n, nbytes), train = pending["last_train"], pending["train"]
-            pending["val"] = {"ids": train["ids"][-n:], "documents": 1, "bytes": nbytes}
-            pending["train"] = {"ids": train["ids"][:-n], "documents": train["documents"] - 1,
-                                "bytes": train["bytes"] - nbytes}
-        for s in SPLITS:
-            writers[s].write(pending[s])
+                for s in SPLITS:
+                    writers[s].write(result[s])
+                lowest = sorted(set(lowest + result["lowest"]))[:2]
         splits = {s: writers[s].stats for s in SPLITS}
-        if splits["train"]["documents"] == 0:
-            n_docs = splits["val"]["documents"]
-            if n_docs > 1:  # every document hashed into val
-                raise DataError(f"all {n_docs} documents of {corpus.description()} went to the val split: lower "
-                                f"--val_fraction (now {val_fraction}) or add text")
+        if not lowest:
+            raise DataError(f"no text in {corpus.description()}")
+        if len(lowest) == 1:
             txt = any(not f.endswith((".jsonl", ".json")) for f in corpus.files) and not corpus.doc_per_file
             hint = (f", or split it: .txt paragraphs are grouped into documents of at least --min_doc_chars="
                     f"{corpus.min_doc_chars} characters, and a smaller value (0: one document per paragraph) makes "
                     "more of them" if txt and corpus.min_doc_chars > 0 else "")
             raise DataError(f"{corpus.description()} is a single document: too few documents for a train and a "
                             f"val split; add text{hint}")
+        if splits["train"]["documents"] == 0:
+            raise DataError(f"all {splits['val']['documents']} documents of {corpus.description()} went to the val "
+                            f"split: lower --val_fraction (now {val_fraction}) or add text")
+        if splits["val"]["documents"] == 0:  # a small corpus: train.py needs a val split to evaluate on
+            raise DataError(f"no document of {corpus.description()} went to the val split at --val_fraction="
+                            f"{val_fraction}: use --val_fraction={_val_fraction_for_one(lowest)} (or add text)")
         meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                 "tokenizer": str(tokenizer_path), "source": corpus.description(), "inputs": corpus.inputs,
                 **settings, "splits": splits}
@@ -843,12 +849,13 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
 # batches for training
 
 
-def _make_command(data_dir, vocab_size, inputs=None):
+def _make_command(data_dir, vocab_size, meta):
     """The preprocess.py command(s) that make data_dir/tok{vocab_size}/, with the --input the data came from (as
-    meta.json or the tokenizer's sidecar recorded it) unless it is the default, the one corpus under data_dir/raw/."""
+    meta.json or the tokenizer's sidecar recorded it) unless it is the default, the one corpus under data_dir/raw/,
+    and meta.json's --val_fraction (a small corpus may need its larger one)."""
     flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else f" --data_dir={data_dir}")
     sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json")) or {}
-    inputs = inputs or sidecar.get("inputs")
+    inputs = meta.get("inputs") or sidecar.get("inputs")
     try:
         default = default_inputs(data_dir)
     except DataError:
@@ -858,7 +865,9 @@ def _make_command(data_dir, vocab_size, inputs=None):
     elif not inputs and default is None:
         flag += " --input YOUR_TEXT_FILES"
     steps = [] if os.path.exists(os.path.join(data_dir, f"tok{vocab_size}.model")) else [f"train_vocab {flag}"]
-    return " && ".join(f"python preprocess.py {s}" for s in steps + [f"pretokenize {flag}"])
+    val_fraction = meta.get("val_fraction", VAL_FRACTION)
+    steps.append(f"pretokenize {flag}" + ("" if val_fraction == VAL_FRACTION else f" --val_fraction={val_fraction}"))
+    return " && ".join(f"python preprocess.py {s}" for s in steps)
 
 
 def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
@@ -866,7 +875,7 @@ def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
     the tokenizer's sha256 are checked; else a one-line exit naming the command that makes them."""
     shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
     meta = _read_json(os.path.join(shard_dir, "meta.json"))
-    make = f"`{_make_command(data_dir, vocab_size, meta.get('inputs') if isinstance(meta, dict) else None)}`"
+    make = f"`{_make_command(data_dir, vocab_size, meta if isinstance(meta, dict) else {})}`"
     if not os.path.exists(os.path.join(shard_dir, "meta.json")):
         raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {make}")
     problem = _shards_problem(shard_dir, meta)
@@ -1068,7 +1077,7 @@ def build_parser():
     k.add_argument("--vocab_size", type=int, help="use DATA_DIR/tok{N}.model")
     k.add_argument("--tokenizer", help="path of the sentencepiece model (instead of --vocab_size)")
     k.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
-                   help="share of documents for val, by a hash of their text (%(default)s; at least one document)")
+                   help="share of documents for val, by a hash of their text (%(default)s)")
     k.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file (%(default)s)")
     k.add_argument("--num_workers", type=int, help="tokenizer processes (default: all CPUs)")
     return p

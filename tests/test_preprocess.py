@@ -268,7 +268,8 @@ def test_train_vocab_refuses_to_replace_another_tokenizer(built, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     write_corpus(other, seed=1)
-    for args in (["train_vocab", "--input", built["corpus_dir"]], ["pretokenize", "--input", built["corpus_dir"]]):
+    for args in (["train_vocab", "--input", built["corpus_dir"]],
+                 ["pretokenize", "--input", built["corpus_dir"], "--val_fraction=0.1"]):
         assert cli(*args, f"--vocab_size={VOCAB}", "--data_dir", data).returncode == 0
     before = model.read_bytes()
     line = assert_clean_failure(cli("train_vocab", f"--vocab_size={VOCAB}", "--data_dir", data, "--input", other),
@@ -439,13 +440,23 @@ def test_pretokenize_duplicates_share_a_split(built, tmp_path):
     assert meta["splits"]["val"]["documents"] == 2 * len(val)
 
 
-def test_pretokenize_tiny_corpus_still_gets_a_val_document(built, tmp_path):
+def test_pretokenize_without_a_val_document_names_a_val_fraction_that_works(built, tmp_path, monkeypatch):
     f = tmp_path / "three.jsonl"
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one fair day", "two fair days", "three"]))
-    out = P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "d"), val_fraction=0.0, num_workers=1)
-    meta = meta_of(out)
+    args = ("pretokenize", "--tokenizer", built["model"], "--input", f, "--data_dir", tmp_path / "d")
+    line = assert_clean_failure(cli(*args, "--val_fraction=0"), "went to the val split at --val_fraction=0.0")
+    fraction = re.search(r"use --val_fraction=(\S+) \(or add text\)$", line).group(1)
+    assert os.listdir(tmp_path / "d") == []  # nothing written
+    proc = cli(*args, f"--val_fraction={fraction}")  # what the message says works
+    assert proc.returncode == 0, proc.stderr
+    meta = meta_of(tmp_path / "d" / f"tok{VOCAB}")
     assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (2, 1)
     assert list(meta["splits"]["val"]["shards"]) == ["val_000.bin"]
+    # one document per chunk: the chunks' lowest hashes are merged into the same advice; the shards stay as they were
+    monkeypatch.setattr(P, "CHUNK_CHARS", 1)
+    with pytest.raises(P.DataError, match=f"use --val_fraction={fraction} "):
+        P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "d"), val_fraction=0.0, num_workers=1)
+    assert meta_of(tmp_path / "d" / f"tok{VOCAB}") == meta
     f.write_text(json.dumps({"text": "alone"}) + "\n")
     with pytest.raises(P.DataError, match="too few documents"):
         P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "e"), num_workers=1)
@@ -454,7 +465,7 @@ def test_pretokenize_tiny_corpus_still_gets_a_val_document(built, tmp_path):
 
 def test_pretokenize_interrupted_leaves_old_data_intact(built, tmp_path, monkeypatch):
     corpus = P.Corpus([str(built["corpus_dir"] / "plays.txt")])
-    out = P.pretokenize(built["model"], corpus, str(tmp_path), num_workers=1)
+    out = P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.1, num_workers=1)
     old_meta = Path(out, "meta.json").read_text()
 
     def boom(path, obj):
@@ -478,12 +489,16 @@ def test_pretokenize_on_a_full_disk_is_one_line_and_leaves_nothing(built, tmp_pa
 
 def test_pretokenize_one_document_names_min_doc_chars(built, tmp_path):
     text = tmp_path / "short.txt"
-    text.write_text("\n\n".join(prose(random.Random(3), 30) for _ in range(6)) + "\n")  # < 1500 characters
+    rng = random.Random(3)
+    text.write_text("\n\n".join(prose(rng, 30) for _ in range(6)) + "\n")  # < 1500 characters
     args = ("pretokenize", "--tokenizer", built["model"], "--input", text, "--data_dir", tmp_path / "d")
     line = assert_clean_failure(cli(*args), "single document", "--min_doc_chars=1500")
     assert "--val_fraction" not in line
-    proc = cli(*args, "--min_doc_chars=0")  # what the message says works
+    # what the message says works; six short documents then need a larger val share, as the next message says
+    line = assert_clean_failure(cli(*args, "--min_doc_chars=0"), "went to the val split")
+    proc = cli(*args, "--min_doc_chars=0", re.search(r"--val_fraction=\S+(?= \(or add text\))", line).group(0))
     assert proc.returncode == 0, proc.stderr
+    assert meta_of(tmp_path / "d" / f"tok{VOCAB}")["splits"]["train"]["documents"] == 5
 
 
 def test_pretokenize_bad_settings(built, tmp_path):
