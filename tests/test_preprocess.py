@@ -709,7 +709,7 @@ def server():
 def test_download_interrupted_then_resumed(server, tmp_path, capsys):
     server.requests.clear()
     server.drop_after = 1000
-    kw = dict(data_dir=str(tmp_path), url=server.url, sha256=server.sha, size=str(len(server.archive)))
+    kw = dict(data_dir=str(tmp_path), url=server.url, sha256=server.sha)
     with pytest.raises(P.DataError, match="1000 bytes are kept in .*\\.part: run the same command again to resume"):
         P.download("tinystories", retries=0, **kw)
     part = tmp_path / "downloads" / "TinyStories_all_data.tar.gz.part"
@@ -729,26 +729,25 @@ def test_download_retries_a_dropped_connection(server, tmp_path, monkeypatch):
     monkeypatch.setattr(P.time, "sleep", lambda s: None)
     server.requests.clear()
     server.drop_after = 500
-    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha, retries=2, size="none")
+    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha, retries=2)
     assert [r["range"] for r in server.requests] == [None, "bytes=500-"]
     assert len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
 
 
-def test_download_with_a_complete_part_and_no_known_size_is_installed(server, tmp_path):
+def test_download_with_a_complete_part_is_installed(server, tmp_path):
     part = tmp_path / "downloads" / "TinyStories_all_data.tar.gz.part"
     part.parent.mkdir()
     part.write_bytes(server.archive)  # a run that got every byte, then died before installing it
     server.requests.clear()
-    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha, size="none")
+    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha)
     assert [r["range"] for r in server.requests] == [f"bytes={len(server.archive)}-"]  # answered 416: nothing left
     assert not part.exists() and len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
 
 
-def test_download_checksum_and_size_mismatch_refused(server, tmp_path):
-    with pytest.raises(P.DataError, match=f"has sha256 {server.sha}, expected 0{{64}}: refused and removed"):
-        P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="0" * 64, size="none")
-    with pytest.raises(P.DataError, match=f"has {len(server.archive)} bytes, expected 123: refused"):
-        P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="none", size="123")
+def test_download_checksum_mismatch_refused(server, tmp_path):
+    with pytest.raises(P.DataError, match=f"has sha256 {server.sha}, expected 0{{64}}: refused and removed; run "
+                                          "again .*--sha256"):
+        P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="0" * 64)
     assert not (tmp_path / "raw").exists() or not os.listdir(tmp_path / "raw")
     assert not os.listdir(tmp_path / "downloads")  # neither the bad archive nor a .part is kept
     with pytest.raises(P.DataError, match="not 64 hex digits"):
@@ -756,12 +755,11 @@ def test_download_checksum_and_size_mismatch_refused(server, tmp_path):
 
 
 def test_download_cli_with_a_mirror_url(server, tmp_path):
-    proc = cli("download", "tinystories", "--data_dir", tmp_path, "--url", server.url, "--sha256", server.sha,
-               "--size", len(server.archive))
+    proc = cli("download", "tinystories", "--data_dir", tmp_path, "--url", server.url, "--sha256", server.sha)
     assert proc.returncode == 0, proc.stderr
     assert "wrote 2 files" in proc.stdout and len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
-    proc = cli("download", "tinystories", "--data_dir", tmp_path / "x", "--retries", 0,
-               "--url", server.url.replace("TinyStories", "Missing"))
+    proc = cli("download", "tinystories", "--data_dir", tmp_path / "x", "--url",
+               server.url.replace("TinyStories", "Missing"))
     assert_clean_failure(proc, "HTTP 404")
     assert not (tmp_path / "x" / "raw" / "tinystories").exists()
 
