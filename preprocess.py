@@ -420,9 +420,9 @@ def _verify(path, sha256, ours=True):
 
 
 def _extract(archive, out_dir, keep, desc):
-    """Copy the archive's files whose name satisfies keep(name) into out_dir, flat (by base name, so none can land
-    outside it); returns how many. They go to a hidden folder first that is renamed to out_dir when complete, so an
-    interrupted run never leaves a half-filled one."""
+    """Copy the archive's regular files whose name satisfies keep(name) into out_dir, flat (by base name; links are
+    skipped), so none can land outside it on any Python 3.10 (tarfile's filter="data" needs 3.10.12+); returns how
+    many. They go to a hidden folder that is renamed to out_dir when complete: no half-filled one is ever left."""
     partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)

@@ -794,6 +794,11 @@ def test_download_extracts_flat_inside_the_corpus_folder(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        for name, kind, target in (("data01.json", tarfile.SYMTYPE, str(tmp_path / "outside.json")),
+                                   ("data02.json", tarfile.LNKTYPE, "../../escaped.json")):
+            info = tarfile.TarInfo(name)  # links could point a later write outside the folder: they are skipped
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
     out = P.download("tinystories", data_dir=str(tmp_path / "d"), file=str(archive), sha256="none")
     assert sorted(os.listdir(out)) == ["data00.json", "escaped.json", "rooted.json"]  # no hidden ._ copies
     assert sorted(os.listdir(tmp_path)) == ["d", "evil.tar.gz"] and not (tmp_path / "abs").exists()
