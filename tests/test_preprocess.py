@@ -268,7 +268,8 @@ def test_train_vocab_refuses_to_replace_another_tokenizer(built, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     write_corpus(other, seed=1)
-    for args in (["train_vocab", "--input", built["corpus_dir"]], ["pretokenize", "--input", built["corpus_dir"]]):
+    for args in (["train_vocab", "--input", built["corpus_dir"]],
+                 ["pretokenize", "--input", built["corpus_dir"], "--val_fraction=0.1"]):
         assert cli(*args, f"--vocab_size={VOCAB}", "--data_dir", data).returncode == 0
     before = model.read_bytes()
     line = assert_clean_failure(cli("train_vocab", f"--vocab_size={VOCAB}", "--data_dir", data, "--input", other),
@@ -439,13 +440,23 @@ def test_pretokenize_duplicates_share_a_split(built, tmp_path):
     assert meta["splits"]["val"]["documents"] == 2 * len(val)
 
 
-def test_pretokenize_tiny_corpus_still_gets_a_val_document(built, tmp_path):
+def test_pretokenize_without_a_val_document_names_a_val_fraction_that_works(built, tmp_path, monkeypatch):
     f = tmp_path / "three.jsonl"
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one fair day", "two fair days", "three"]))
-    out = P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "d"), val_fraction=0.0, num_workers=1)
-    meta = meta_of(out)
+    args = ("pretokenize", "--tokenizer", built["model"], "--input", f, "--data_dir", tmp_path / "d")
+    line = assert_clean_failure(cli(*args, "--val_fraction=0"), "went to the val split at --val_fraction=0.0")
+    fraction = re.search(r"use --val_fraction=(\S+) \(or add text\)$", line).group(1)
+    assert os.listdir(tmp_path / "d") == []  # nothing written
+    proc = cli(*args, f"--val_fraction={fraction}")  # what the message says works
+    assert proc.returncode == 0, proc.stderr
+    meta = meta_of(tmp_path / "d" / f"tok{VOCAB}")
     assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (2, 1)
     assert list(meta["splits"]["val"]["shards"]) == ["val_000.bin"]
+    # one document per chunk: the chunks' lowest hashes are merged into the same advice; the shards stay as they were
+    monkeypatch.setattr(P, "CHUNK_CHARS", 1)
+    with pytest.raises(P.DataError, match=f"use --val_fraction={fraction} "):
+        P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "d"), val_fraction=0.0, num_workers=1)
+    assert meta_of(tmp_path / "d" / f"tok{VOCAB}") == meta
     f.write_text(json.dumps({"text": "alone"}) + "\n")
     with pytest.raises(P.DataError, match="too few documents"):
         P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "e"), num_workers=1)
@@ -454,7 +465,7 @@ def test_pretokenize_tiny_corpus_still_gets_a_val_document(built, tmp_path):
 
 def test_pretokenize_interrupted_leaves_old_data_intact(built, tmp_path, monkeypatch):
     corpus = P.Corpus([str(built["corpus_dir"] / "plays.txt")])
-    out = P.pretokenize(built["model"], corpus, str(tmp_path), num_workers=1)
+    out = P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=0.1, num_workers=1)
     old_meta = Path(out, "meta.json").read_text()
 
     def boom(path, obj):
@@ -478,12 +489,16 @@ def test_pretokenize_on_a_full_disk_is_one_line_and_leaves_nothing(built, tmp_pa
 
 def test_pretokenize_one_document_names_min_doc_chars(built, tmp_path):
     text = tmp_path / "short.txt"
-    text.write_text("\n\n".join(prose(random.Random(3), 30) for _ in range(6)) + "\n")  # < 1500 characters
+    rng = random.Random(3)
+    text.write_text("\n\n".join(prose(rng, 30) for _ in range(6)) + "\n")  # < 1500 characters
     args = ("pretokenize", "--tokenizer", built["model"], "--input", text, "--data_dir", tmp_path / "d")
     line = assert_clean_failure(cli(*args), "single document", "--min_doc_chars=1500")
     assert "--val_fraction" not in line
-    proc = cli(*args, "--min_doc_chars=0")  # what the message says works
+    # what the message says works; six short documents then need a larger val share, as the next message says
+    line = assert_clean_failure(cli(*args, "--min_doc_chars=0"), "went to the val split")
+    proc = cli(*args, "--min_doc_chars=0", re.search(r"--val_fraction=\S+(?= \(or add text\))", line).group(0))
     assert proc.returncode == 0, proc.stderr
+    assert meta_of(tmp_path / "d" / f"tok{VOCAB}")["splits"]["train"]["documents"] == 5
 
 
 def test_pretokenize_bad_settings(built, tmp_path):
@@ -694,7 +709,7 @@ def server():
 def test_download_interrupted_then_resumed(server, tmp_path, capsys):
     server.requests.clear()
     server.drop_after = 1000
-    kw = dict(data_dir=str(tmp_path), url=server.url, sha256=server.sha, size=str(len(server.archive)))
+    kw = dict(data_dir=str(tmp_path), url=server.url, sha256=server.sha)
     with pytest.raises(P.DataError, match="1000 bytes are kept in .*\\.part: run the same command again to resume"):
         P.download("tinystories", retries=0, **kw)
     part = tmp_path / "downloads" / "TinyStories_all_data.tar.gz.part"
@@ -714,26 +729,25 @@ def test_download_retries_a_dropped_connection(server, tmp_path, monkeypatch):
     monkeypatch.setattr(P.time, "sleep", lambda s: None)
     server.requests.clear()
     server.drop_after = 500
-    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha, retries=2, size="none")
+    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha, retries=2)
     assert [r["range"] for r in server.requests] == [None, "bytes=500-"]
     assert len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
 
 
-def test_download_with_a_complete_part_and_no_known_size_is_installed(server, tmp_path):
+def test_download_with_a_complete_part_is_installed(server, tmp_path):
     part = tmp_path / "downloads" / "TinyStories_all_data.tar.gz.part"
     part.parent.mkdir()
     part.write_bytes(server.archive)  # a run that got every byte, then died before installing it
     server.requests.clear()
-    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha, size="none")
+    P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256=server.sha)
     assert [r["range"] for r in server.requests] == [f"bytes={len(server.archive)}-"]  # answered 416: nothing left
     assert not part.exists() and len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
 
 
-def test_download_checksum_and_size_mismatch_refused(server, tmp_path):
-    with pytest.raises(P.DataError, match=f"has sha256 {server.sha}, expected 0{{64}}: refused and removed"):
-        P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="0" * 64, size="none")
-    with pytest.raises(P.DataError, match=f"has {len(server.archive)} bytes, expected 123: refused"):
-        P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="none", size="123")
+def test_download_checksum_mismatch_refused(server, tmp_path):
+    with pytest.raises(P.DataError, match=f"has sha256 {server.sha}, expected 0{{64}}: refused and removed; run "
+                                          "again .*--sha256"):
+        P.download("tinystories", data_dir=str(tmp_path), url=server.url, sha256="0" * 64)
     assert not (tmp_path / "raw").exists() or not os.listdir(tmp_path / "raw")
     assert not os.listdir(tmp_path / "downloads")  # neither the bad archive nor a .part is kept
     with pytest.raises(P.DataError, match="not 64 hex digits"):
@@ -741,12 +755,11 @@ def test_download_checksum_and_size_mismatch_refused(server, tmp_path):
 
 
 def test_download_cli_with_a_mirror_url(server, tmp_path):
-    proc = cli("download", "tinystories", "--data_dir", tmp_path, "--url", server.url, "--sha256", server.sha,
-               "--size", len(server.archive))
+    proc = cli("download", "tinystories", "--data_dir", tmp_path, "--url", server.url, "--sha256", server.sha)
     assert proc.returncode == 0, proc.stderr
     assert "wrote 2 files" in proc.stdout and len(os.listdir(tmp_path / "raw" / "tinystories")) == 2
-    proc = cli("download", "tinystories", "--data_dir", tmp_path / "x", "--retries", 0,
-               "--url", server.url.replace("TinyStories", "Missing"))
+    proc = cli("download", "tinystories", "--data_dir", tmp_path / "x", "--url",
+               server.url.replace("TinyStories", "Missing"))
     assert_clean_failure(proc, "HTTP 404")
     assert not (tmp_path / "x" / "raw" / "tinystories").exists()
 
@@ -781,6 +794,11 @@ def test_download_extracts_flat_inside_the_corpus_folder(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        for name, kind, target in (("data01.json", tarfile.SYMTYPE, str(tmp_path / "outside.json")),
+                                   ("data02.json", tarfile.LNKTYPE, "../../escaped.json")):
+            info = tarfile.TarInfo(name)  # links could point a later write outside the folder: they are skipped
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
     out = P.download("tinystories", data_dir=str(tmp_path / "d"), file=str(archive), sha256="none")
     assert sorted(os.listdir(out)) == ["data00.json", "escaped.json", "rooted.json"]  # no hidden ._ copies
     assert sorted(os.listdir(tmp_path)) == ["d", "evil.tar.gz"] and not (tmp_path / "abs").exists()

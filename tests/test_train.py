@@ -453,7 +453,7 @@ def test_mismatched_shards_error_names_the_command_that_fixes_them(tmp_path):
                                                               for _ in range(200)) + "\n")
     data = tmp_path / "data"
     for verb, where in ((["train_vocab", f"--input={tmp_path / 'a'}"], data),
-                        (["pretokenize", f"--input={tmp_path / 'a'}"], data),
+                        (["pretokenize", f"--input={tmp_path / 'a'}", "--val_fraction=0.1"], data),
                         (["train_vocab", f"--input={tmp_path / 'b'}"], tmp_path / "other")):
         r = run(["preprocess.py", *verb, f"--vocab_size={VOCAB}", f"--data_dir={where}"], ROOT)
         assert r.returncode == 0, r.stderr
@@ -490,8 +490,8 @@ def test_resume_refuses_another_tokenizer(data_dir, tmp_path):
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(300)]
     (other / "raw" / "other.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60))
                                                            for _ in range(300)) + "\n")
-    for verb in ("train_vocab", "pretokenize"):
-        r = run(["preprocess.py", verb, f"--vocab_size={VOCAB}", f"--input={other / 'raw'}",
+    for verb in (["train_vocab"], ["pretokenize", "--val_fraction=0.1"]):
+        r = run(["preprocess.py", *verb, f"--vocab_size={VOCAB}", f"--input={other / 'raw'}",
                  f"--data_dir={other / 'data'}"], ROOT)
         assert r.returncode == 0, r.stderr
     r = run(["train.py", *settings(str(other / "data"), out, max_iters=10)], ROOT)
