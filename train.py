@@ -501,7 +501,7 @@ class Budget:
 
     The clock starts with the training loop (data preparation and start-up are not in it); evaluations and
     checkpoints are. The steps before the choice take their learning rates from the schedule with max_iters as
-    given (a cap): the same rates as after it while they are in the warm-up (tiny: 50 steps; timing takes ~15) or
+    given (a cap): the same rates as after it while they are in the warm-up (tiny: 20 steps; timing takes ~12) or
     in wsd's stable phase. The choice goes into the checkpoint: a resumed run continues the same schedule instead
     of fitting a new one to the time left.
     """
