@@ -73,6 +73,15 @@ def metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+def wait_for_metrics(proc, out_dir, lines, timeout):
+    """Wait (at most timeout seconds) until the running proc has written this many lines of metrics.jsonl."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(out_dir, "metrics.jsonl")) and len(metrics(out_dir)) >= lines:
+            return
+        time.sleep(0.05)
+
+
 def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
     out = tmp_path / "run"
     r = train_cli(data_dir, out, max_iters=60, eval_interval=30)
@@ -203,11 +212,7 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", *settings(data_dir, out, max_iters=100000, log_interval=1,
                                                                     eval_interval=100000)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(out / "metrics.jsonl") and len(metrics(out)) >= 4:  # the eval at 0, then 3 steps
-            break
-        time.sleep(0.05)
+    wait_for_metrics(proc, out, 4, timeout=120)  # the eval at 0, then 3 steps
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
@@ -398,11 +403,7 @@ def test_second_run_on_a_busy_out_dir_is_refused(data_dir, tmp_path):
                                                                       eval_interval=100000, log_interval=1)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while holder.poll() is None and time.time() < deadline:
-            if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
-                break
-            time.sleep(0.05)
+        wait_for_metrics(holder, out, 3, timeout=120)
         assert holder.poll() is None, holder.communicate()[0]
         r = run(["train.py", *settings(data_dir, out, max_iters=5)], ROOT)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
@@ -579,11 +580,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_a_log_iteration(data_dir, tmp_p
                                  "train.py", *settings(data_dir, out, max_iters=100000, eval_interval=100000,
                                                        log_interval=5)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and launcher.poll() is None:
-        if os.path.exists(out / "metrics.jsonl") and len(metrics(out)) >= 3:  # the eval at 0, then 2 logs
-            break
-        time.sleep(0.05)
+    wait_for_metrics(launcher, out, 3, timeout=240)  # the eval at 0, then 2 logs
     pids = worker_pids(launcher.pid)
     assert set(pids) == {0, 1}, pids
     os.kill(pids[1], signal.SIGTERM)  # only rank 1 is told: rank 0 hears of it at the next log iteration
