@@ -168,7 +168,7 @@ def bench_first_step(device) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# sampling
+# the machine and the model sampled from
 
 def cpu_name():
     """The CPU's model name as lscpu prints it (from /proc/cpuinfo), else what Python knows."""
@@ -215,7 +215,7 @@ def forward_per_token(model, idx, max_new_tokens, temperature=1.0, top_k=None):
         yield tokens[:, 0]
 
 
-def time_sampling(steps, device):
+def time_sampling(steps):
     """(seconds to the first token, tokens/s after it) for a generator of token columns, read as they come."""
     t0 = time.perf_counter()
     first, n = None, 0
@@ -246,8 +246,8 @@ def bench_sampling(device) -> list[dict]:
         baseline = None
         for path, steps in paths.items():
             with autocast_ctx(device, dtype):
-                time_sampling(steps(idx), device)  # untimed: first-call costs (CUDA context, cuBLAS, allocator)
-                runs = [time_sampling(steps(idx), device) for _ in range(REPEATS)]
+                time_sampling(steps(idx))  # untimed: first-call costs (CUDA context, cuBLAS, allocator)
+                runs = [time_sampling(steps(idx)) for _ in range(REPEATS)]
             rate = statistics.median(r[1] for r in runs)
             baseline = baseline or rate
             rows.append({"bench": "sample", "device": device, "dtype": dtype, "shape": SHAPE_NAME, "batch": batch,

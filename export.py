@@ -323,7 +323,7 @@ def export_gguf(model, tok, path, dtype_name):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # GGUFWriter wants a path of its own: it writes a scratch file, which then goes into place through the one
     # atomic writer (an earlier file survives a failure; a symlink is written through)
-    scratch = tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.realpath(path)) or ".", prefix=".gguf")
+    scratch = tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.realpath(path)), prefix=".gguf")
     tmp = os.path.join(scratch.name, "model.gguf")
     w = gguf.GGUFWriter(tmp, "llama")
     try:

@@ -241,7 +241,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
 
         if targets is not None and not return_logits and (
-                self.xent is not xent_chunk or h.numel() // h.shape[-1] * self.args.vocab_size > 2 ** 28):
+                self.xent is not xent_chunk or h.numel() // h.shape[-1] * self.args.vocab_size > LOGITS_PER_CHUNK):
             self.last_loss = linear_cross_entropy(h, self.output.weight, targets, self.xent)
             return None
         if targets is not None:
@@ -426,7 +426,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, xent=xent_chunk, chunk_elements=2 ** 28):
+LOGITS_PER_CHUNK = 2 ** 28  # linear_cross_entropy's chunk; forward() also chunks any batch with more logits than this
+
+
+def linear_cross_entropy(h, weight, targets, xent=xent_chunk, chunk_elements=LOGITS_PER_CHUNK):
     """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) without the whole logits matrix in memory.
 
     h: (..., dim), weight: (vocab, dim), targets: (...) with -1 for positions that do not count. Under autocast
