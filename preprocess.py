@@ -606,14 +606,14 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
                     break
     if not sample:
         raise DataError(f"no text in {corpus.description()}")
-    sample_desc = f"{len(sample)} documents ({sample_chars / 1e6:.1f} MB)"
+    n_docs = len(sample)
+    sample_desc = f"{n_docs} documents ({sample_chars / 1e6:.1f} MB)"
     print(f"training a {vocab_size}-piece BPE tokenizer on {sample_desc} of {corpus.description()}")
     t0 = time.time()
     try:
         tok = Tokenizer.from_bytes(train_sentencepiece(sample, vocab_size, num_threads))
     except RuntimeError as e:
         raise DataError(_sentencepiece_error(e, vocab_size, sample_desc)) from None
-    n_docs = len(sample)
     del sample
 
     os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
@@ -861,18 +861,20 @@ def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
     the tokenizer's sha256 are checked; else a one-line exit naming the command that makes them."""
     shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
     meta = _read_json(os.path.join(shard_dir, "meta.json"))
-    make = f"`{_make_command(data_dir, vocab_size, meta if isinstance(meta, dict) else {})}`"
+    def make():  # the fix command, for the errors only: it lists data_dir/raw and reads the tokenizer's notes
+        return f"`{_make_command(data_dir, vocab_size, meta if isinstance(meta, dict) else {})}`"
+
     if not os.path.exists(os.path.join(shard_dir, "meta.json")):
-        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {make}")
+        raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {make()}")
     problem = _shards_problem(shard_dir, meta)
     if problem:
-        raise SystemExit(f"{problem}: delete {shard_dir} and run {make}")
+        raise SystemExit(f"{problem}: delete {shard_dir} and run {make()}")
     if meta["vocab_size"] != vocab_size:
         raise SystemExit(f"{shard_dir} was made with a {meta['vocab_size']}-token vocabulary, not "
-                         f"vocab_size={vocab_size}: run {make}")
+                         f"vocab_size={vocab_size}: run {make()}")
     if tokenizer_sha256 is not None and meta["tokenizer_sha256"] != tokenizer_sha256:
         raise SystemExit(f"{shard_dir} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}..., "
-                         f"expected {tokenizer_sha256[:12]}...): run {make} with the tokenizer you train with")
+                         f"expected {tokenizer_sha256[:12]}...): run {make()} with the tokenizer you train with")
     return meta
 
 
