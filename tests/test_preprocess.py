@@ -97,10 +97,10 @@ def built(tmp_path_factory):
             "shard_dir": shard_dir, "docs": list(corpus)}
 
 
-def cli(*args, env=None, cwd=None):
+def cli(*args, env=None, cwd=None, **run_kwargs):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "preprocess.py"), *map(str, args)], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=120)
+                          text=True, env=full_env, cwd=cwd, timeout=120, **run_kwargs)
 
 
 def assert_clean_failure(proc, *needles):
@@ -480,9 +480,8 @@ def test_pretokenize_interrupted_leaves_old_data_intact(built, tmp_path, monkeyp
 
 def test_pretokenize_on_a_full_disk_is_one_line_and_leaves_nothing(built, tmp_path):
     data = tmp_path / "data"
-    proc = subprocess.run([sys.executable, str(REPO / "preprocess.py"), "pretokenize", "--tokenizer", built["model"],
-                           "--input", built["corpus_dir"], "--data_dir", data, "--num_workers=2"],
-                          capture_output=True, text=True, timeout=120, preexec_fn=limited_file_size(20_000))
+    proc = cli("pretokenize", "--tokenizer", built["model"], "--input", built["corpus_dir"], "--data_dir", data,
+               "--num_workers=2", preexec_fn=limited_file_size(20_000))
     assert_clean_failure(proc, "File too large", "free some disk space")
     assert os.listdir(data) == []  # no partial shards left to keep the disk full
 
