@@ -73,7 +73,7 @@ def measure(name, shape, batch_size, accum, device, fast, iters):
     model = Transformer(ModelArgs(**shape)).to(device)
     if cuda:
         model.compile_regions()
-    dtype = pick_dtype("auto", device)
+    dtype = pick_dtype("auto", device, training=True)
     with contextlib.redirect_stdout(io.StringIO()):  # build_optimizers' own lines
         optimizers = train.build_optimizers(model, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")

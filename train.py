@@ -81,7 +81,7 @@ min_lr = 0.0  # the learning rate at the end of the decay (as a fraction: min_lr
 wsd_decay_frac = 0.2  # wsd: the last fraction of lr_decay_iters that decays linearly to min_lr
 # system
 device = "auto"  # "auto" (cuda, mps, cpu in that order), "cpu", "cuda", "cuda:1", "mps"
-dtype = "auto"  # "auto" (bfloat16 where supported, float16 on older GPUs, float32 on CPU), or explicit
+dtype = "auto"  # "auto" (bfloat16 where fast: GPUs, CPUs with AVX512-BF16/AMX; float16 on older GPUs; else float32)
 compile = None  # torch.compile each block (regional compilation); None: on for CUDA, off for CPU/MPS
 cuda_graph = True  # CUDA: merge micro-batches that fit and replay the whole step as one CUDA graph; False: plain step
 seed = 1337
@@ -720,7 +720,7 @@ def train():
         dev = f"cuda:{local_rank}"
         torch.cuda.set_device(dev)
     device_type = dev.split(":")[0]
-    dtype_name = pick_dtype(dtype, dev)
+    dtype_name = pick_dtype(dtype, dev, training=True)
     if gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of "
              f"processes ({world_size}); e.g. --gradient_accumulation_steps="
@@ -775,6 +775,8 @@ def train():
             raise SystemExit(f"error: {ckpt_path} was trained with another tokenizer than {tokenizer.path} (same "
                              f"vocab_size, different pieces); resume with the data it was trained on, or "
                              f"{FRESH_START_CHOICES}")
+    if ckpt is not None and dtype == "auto" and ckpt.get("precision", {}).get("device_type") == device_type:
+        dtype_name = ckpt["precision"]["dtype"]  # what "auto" chose then (on a CPU a measurement), for a bitwise resume
     model = Transformer.from_checkpoint(ckpt, ckpt_path) if ckpt is not None else Transformer(model_args)
     model.to(dev)
     optimizers = build_optimizers(model, device_type)
@@ -871,7 +873,8 @@ def train():
                                scaler=scaler.state_dict() if scaler.is_enabled() else None, iter_num=iter_num,
                                best_val_loss=best_val_loss, config=config, rng=rng_state(),
                                data_state={"world_size": world_size, "ranks": states},
-                               tokenizer=tokenizer.model_bytes, budget_max_iters=budget_iters)
+                               tokenizer=tokenizer.model_bytes, budget_max_iters=budget_iters,
+                               precision={"device_type": device_type, "dtype": dtype_name})
         save_checkpoint(ckpt, path)
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")

@@ -300,7 +300,10 @@ def test_device_and_dtype_selection(monkeypatch):
         pick_device("cuda")
     with pytest.raises(SystemExit, match="unknown device"):
         pick_device("tpu")
-    assert pick_dtype("auto", "cpu") == "float32"
+    assert pick_dtype("auto", "cpu") == "float32"  # sampling
+    for fast in (False, True):  # training: bfloat16 only where this CPU multiplies it fast
+        monkeypatch.setattr(model_module, "fast_bf16_matmul", lambda device: fast)
+        assert pick_dtype("auto", "cpu", training=True) == ("bfloat16" if fast else "float32")
     assert pick_dtype("bfloat16", "cpu") == "bfloat16"  # explicit is honoured
     with pytest.raises(SystemExit, match="unknown dtype"):
         pick_dtype("fp8", "cpu")
@@ -406,3 +409,20 @@ def test_cuda_attention_with_padded_head_size_matches_cpu():
     got = [m.last_loss.detach()] + [p.grad for p in m.parameters()]
     for a, b in zip(ref, got):
         assert torch.allclose(a, b.cpu(), rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_bfloat16_attention_runs_in_float32(monkeypatch):
+    """Under CPU bfloat16 autocast the matmuls run in bfloat16 but attention in float32 (its bfloat16 backward pass
+    is ~2x slower there); the block's output keeps autocast's dtype."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    m = build(seed=3)
+    x = torch.randint(0, m.args.vocab_size, (2, 16))
+    with autocast_ctx("cpu", "bfloat16"):
+        m(x, x, return_logits=False)
+        h = m.layers[0].attention(torch.randn(2, 16, m.args.dim), m.rope_cos[:16], m.rope_sin[:16])
+    m.last_loss.backward()
+    assert seen and set(seen) == {torch.float32}
+    assert h.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
