@@ -741,3 +741,18 @@ def test_budget_fixes_max_iters_and_resume_continues_it(data_dir, tmp_path):
     assert a["iter_num"] == b["iter_num"] == chosen and metrics(out)[-1]["iter"] == chosen
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_resume_keeps_the_precision_auto_chose(data_dir, tmp_path):
+    """dtype="auto" on a CPU is a measurement (bfloat16 where the CPU multiplies it fast): a resumed run takes the
+    checkpoint's choice, not a new measurement's, so it continues exactly as the stopped run would have."""
+    def run_with(fast_bf16, **extra):
+        wrapper = (f"import sys, runpy, model; model.fast_bf16_matmul = lambda device: {fast_bf16}; "
+                   "sys.argv = ['train.py'] + sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')")
+        r = run(["-c", wrapper, *settings(data_dir, tmp_path / "run", **extra)], ROOT)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+    assert "dtype bfloat16" in run_with(True, max_iters=10, eval_interval=10)
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["precision"] == {"device_type": "cpu", "dtype": "bfloat16"}
+    assert "dtype bfloat16" in run_with(False, max_iters=20, eval_interval=10)  # this measurement alone: float32
+    assert "dtype float32" in run_with(False, max_iters=20, eval_interval=10, init_from="scratch")
