@@ -822,7 +822,7 @@ def pick_device(device="auto"):
 def pick_dtype(dtype, device, training=False):
     """'auto' → bfloat16 on a GPU that supports it, else float16 on CUDA; on a CPU float32, or for training
     bfloat16 where the CPU multiplies it fast (fast_bf16_matmul: AVX512-BF16 or AMX): its matmuls then run ~2.3x
-    faster and tiny's whole step ~1.2x, which the wall-clock budget turns into more steps. (Sampling stays float32
+    faster and tiny's whole step ~1.3x, which the wall-clock budget turns into more steps. (Sampling stays float32
     on a CPU: its decoder keeps float32 weights of its own.)"""
     if dtype == "auto":
         if device.startswith("cuda"):
