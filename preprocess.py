@@ -163,11 +163,13 @@ def _write_json_atomic(path, obj):
 
 
 def _read_json(path):
+    """The JSON object in the file at path; {} if there is none (no file, damaged, not an object)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 # -----------------------------------------------------------------------------
 # corpus reading
@@ -574,7 +576,7 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         raise DataError(f"--sample_bytes={sample_bytes} must be positive")
     sidecar_path = model_out + ".json"
     settings = {"vocab_size": vocab_size, "source_fingerprint": corpus.fingerprint(), "sample_bytes": sample_bytes}
-    old = _read_json(sidecar_path) or {}
+    old = _read_json(sidecar_path)
     sha = _sha256_file(model_out) if os.path.exists(model_out) else None
     if sha and old.get("model_sha256") == sha and all(old.get(k) == v for k, v in settings.items()):
         print(f"{model_out} is up to date (vocab {vocab_size}, trained on {old.get('source')}); nothing to do")
@@ -583,7 +585,7 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         what = f"trained on {old['source']}" if old.get("source") else "not made by train_vocab here"
         root = os.path.dirname(model_out) or "."  # the shard folders beside it (tok*/) that were made with it
         shards = [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("tok")
-                  and (_read_json(os.path.join(root, d, "meta.json")) or {}).get("tokenizer_sha256") == sha]
+                  and _read_json(os.path.join(root, d, "meta.json")).get("tokenizer_sha256") == sha]
         deps = f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it"
         raise DataError(f"{model_out} already exists ({what}); a new tokenizer there would orphan {deps} and every "
                         "checkpoint trained on them (they could not resume on re-made shards). Write it elsewhere "
@@ -762,8 +764,7 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
     settings = {"tokenizer_sha256": tok.sha256, "source_fingerprint": corpus.fingerprint(),
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     old = _read_json(os.path.join(shard_dir, "meta.json"))
-    if (isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items())
-            and _shards_problem(shard_dir, old) is None):
+    if all(old.get(k) == v for k, v in settings.items()) and _shards_problem(shard_dir, old) is None:
         print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
               f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
         return shard_dir
@@ -840,7 +841,7 @@ def _make_command(data_dir, vocab_size, meta):
     meta.json or the tokenizer's sidecar recorded it) unless it is the default, the one corpus under data_dir/raw/,
     and meta.json's --val_fraction (a small corpus may need its larger one)."""
     flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else f" --data_dir={data_dir}")
-    sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json")) or {}
+    sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json"))
     inputs = meta.get("inputs") or sidecar.get("inputs")
     try:
         default = default_inputs(data_dir)
@@ -862,7 +863,7 @@ def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
     shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
     meta = _read_json(os.path.join(shard_dir, "meta.json"))
     def make():  # the fix command, for the errors only: it lists data_dir/raw and reads the tokenizer's notes
-        return f"`{_make_command(data_dir, vocab_size, meta if isinstance(meta, dict) else {})}`"
+        return f"`{_make_command(data_dir, vocab_size, meta)}`"
 
     if not os.path.exists(os.path.join(shard_dir, "meta.json")):
         raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {make()}")
