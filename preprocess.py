@@ -21,6 +21,7 @@ tokenizer trained on other input only with --overwrite (shards and checkpoints d
 """
 import argparse
 import collections
+import contextlib
 import errno
 import glob
 import hashlib
@@ -133,18 +134,13 @@ def atomic_write(path, content):
     f = _WriteRecorder(open(tmp, "wb"))
     try:
         with f._f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content)
+            content(f) if callable(content) else f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         if f.error is not None and isinstance(e, Exception) and not isinstance(e, OSError):
             raise f.error from None
         raise
@@ -620,13 +616,10 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
 
     os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
     atomic_write(model_out, tok.model_bytes)
-    vocab_path = (model_out[:-6] if model_out.endswith(".model") else model_out) + ".vocab"
-    # a human-readable list of pieces; newlines/tabs escaped to keep one piece per line
-    lines = []
-    for i in range(tok.vocab_size):
-        piece = tok.sp.id_to_piece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-        lines.append(f"{piece}\t{tok.sp.get_score(i):g}\n")
-    atomic_write(vocab_path, "".join(lines).encode("utf-8"))
+    vocab_path = model_out.removesuffix(".model") + ".vocab"
+    escape = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t"})  # a human-readable list, one piece a line
+    atomic_write(vocab_path, "".join(f"{tok.sp.id_to_piece(i).translate(escape)}\t{tok.sp.get_score(i):g}\n"
+                                     for i in range(tok.vocab_size)).encode("utf-8"))
     _write_json_atomic(sidecar_path, {**settings, "source": corpus.description(), "inputs": corpus.inputs,
                                       "sample_documents": n_docs, "sample_chars": sample_chars,
                                       "model_sha256": tok.sha256})
@@ -843,10 +836,9 @@ def _make_command(data_dir, vocab_size, meta):
     flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else f" --data_dir={data_dir}")
     sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json"))
     inputs = meta.get("inputs") or sidecar.get("inputs")
-    try:
+    default = None
+    with contextlib.suppress(DataError):
         default = default_inputs(data_dir)
-    except DataError:
-        default = None
     if inputs and [os.path.normpath(i) for i in inputs] != [os.path.normpath(i) for i in default or []]:
         flag += " --input " + shlex.join(inputs)
     elif not inputs and default is None:
