@@ -125,8 +125,7 @@ def atomic_write(path, content):
     a part. content is bytes, or a function that writes to the binary file it is given. On any failure (a full
     disk, Ctrl-C) path keeps its old contents, no .tmp file is left, and a failed write raises its own OSError
     whatever the serializer made of it. A symlink is written through; a directory or device at path is refused.
-    tinyllm's one writer of files that must never be torn (checkpoints, tokenizers, meta.json, exports, the loss
-    plot); it lives here because every script that writes files imports preprocess.py, which stays free of torch."""
+    tinyllm's one writer of files that must never be torn, kept here as every script imports this torch-free module."""
     target = os.path.realpath(path)
     if os.path.lexists(target) and not os.path.isfile(target):
         raise FileExistsError(errno.EEXIST, "exists and is not a regular file; refusing to replace it", str(path))
@@ -585,8 +584,7 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         deps = f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it"
         raise DataError(f"{model_out} already exists ({what}); a new tokenizer there would orphan {deps} and every "
                         "checkpoint trained on them (they could not resume on re-made shards). Write it elsewhere "
-                        "(another --data_dir or --model_out), or pass --overwrite to replace it (then pretokenize "
-                        "again)")
+                        "(another --data_dir or --model_out), or pass --overwrite (then pretokenize again)")
 
     # A bounded sample, chosen by a hash of each document so it spreads evenly over the corpus and is the same every
     # run; it stays in memory (sample_bytes at most) and reaches sentencepiece through sentence_iterator, which lets
@@ -1022,9 +1020,8 @@ def build_parser():
                    help="files, directories (recursive) or globs; default: the one corpus under DATA_DIR/raw/")
     g.add_argument("--text_field", help='.jsonl/.json field holding the text (default: "text", else "story")')
     g.add_argument("--doc_per_file", action="store_true", help="each .txt file is one document")
-    g.add_argument("--min_doc_chars", type=int, default=MIN_DOC_CHARS,
-                   help=".txt blank-line paragraphs are grouped into documents of at least this many characters "
-                        "(0: one document per paragraph; default %(default)s)")
+    g.add_argument("--min_doc_chars", type=int, default=MIN_DOC_CHARS, help=".txt paragraphs are grouped into "
+                   "documents of at least this many characters (0: one per paragraph; default %(default)s)")
     g.add_argument("--errors", choices=("strict", "replace"), default="strict",
                    help="non-UTF-8 bytes: stop with an error (strict, default) or read them as U+FFFD (replace)")
 
@@ -1042,12 +1039,10 @@ def build_parser():
                                      "of the corpus; writes DATA_DIR/tok{N}.model and .vocab.")
     t.add_argument("--vocab_size", type=int, required=True, help="number of pieces, e.g. 4096")
     t.add_argument("--model_out", help="output path (default DATA_DIR/tok{N}.model)")
-    t.add_argument("--sample_bytes", type=int, default=SAMPLE_BYTES,
-                   help="train on at most this much text (%(default)s)")
+    t.add_argument("--sample_bytes", type=int, default=SAMPLE_BYTES, help="sample at most this much text (%(default)s)")
     t.add_argument("--num_threads", type=int, help="sentencepiece threads (default: all CPUs)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace an existing tokenizer that was trained on other input (its shards and the "
-                        "checkpoints trained on them no longer match it)")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer trained on other input (its shards "
+                   "and the checkpoints trained on them no longer match it)")
 
     k = verbs.add_parser("pretokenize", parents=[common, reading], help="tokenize the corpus into shards",
                          description="Tokenize the corpus into DATA_DIR/tok{N}/{train,val}_NNN.bin (BOS + document + "
