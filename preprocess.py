@@ -254,11 +254,9 @@ class Corpus:
         with open(path, "rb") as f:
             offset = 0
             for raw in f:
-                line = _decode(raw, path, offset, self.errors)
-                if offset == 0 and line.startswith("\ufeff"):
-                    line = line[1:]  # byte order mark
-                if line.endswith("\r\n"):
-                    line = line[:-2] + "\n"
+                line = _decode(raw, path, offset, self.errors).replace("\r\n", "\n")  # only a line's end can be \r\n
+                if offset == 0:
+                    line = line.removeprefix("\ufeff")  # byte order mark
                 offset += len(raw)
                 self.bytes_read += len(raw)
                 yield line
