@@ -21,6 +21,7 @@ tokenizer trained on other input only with --overwrite (shards and checkpoints d
 """
 import argparse
 import collections
+import contextlib
 import errno
 import glob
 import hashlib
@@ -124,8 +125,7 @@ def atomic_write(path, content):
     a part. content is bytes, or a function that writes to the binary file it is given. On any failure (a full
     disk, Ctrl-C) path keeps its old contents, no .tmp file is left, and a failed write raises its own OSError
     whatever the serializer made of it. A symlink is written through; a directory or device at path is refused.
-    tinyllm's one writer of files that must never be torn (checkpoints, tokenizers, meta.json, exports, the loss
-    plot); it lives here because every script that writes files imports preprocess.py, which stays free of torch."""
+    tinyllm's one writer of files that must never be torn, kept here as every script imports this torch-free module."""
     target = os.path.realpath(path)
     if os.path.lexists(target) and not os.path.isfile(target):
         raise FileExistsError(errno.EEXIST, "exists and is not a regular file; refusing to replace it", str(path))
@@ -133,18 +133,13 @@ def atomic_write(path, content):
     f = _WriteRecorder(open(tmp, "wb"))
     try:
         with f._f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content)
+            content(f) if callable(content) else f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         if f.error is not None and isinstance(e, Exception) and not isinstance(e, OSError):
             raise f.error from None
         raise
@@ -163,11 +158,13 @@ def _write_json_atomic(path, obj):
 
 
 def _read_json(path):
+    """The JSON object in the file at path; {} if there is none (no file, damaged, not an object)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 # -----------------------------------------------------------------------------
 # corpus reading
@@ -257,11 +254,9 @@ class Corpus:
         with open(path, "rb") as f:
             offset = 0
             for raw in f:
-                line = _decode(raw, path, offset, self.errors)
-                if offset == 0 and line.startswith("\ufeff"):
-                    line = line[1:]  # byte order mark
-                if line.endswith("\r\n"):
-                    line = line[:-2] + "\n"
+                line = _decode(raw, path, offset, self.errors).replace("\r\n", "\n")  # only a line's end can be \r\n
+                if offset == 0:
+                    line = line.removeprefix("\ufeff")  # byte order mark
                 offset += len(raw)
                 self.bytes_read += len(raw)
                 yield line
@@ -574,7 +569,7 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         raise DataError(f"--sample_bytes={sample_bytes} must be positive")
     sidecar_path = model_out + ".json"
     settings = {"vocab_size": vocab_size, "source_fingerprint": corpus.fingerprint(), "sample_bytes": sample_bytes}
-    old = _read_json(sidecar_path) or {}
+    old = _read_json(sidecar_path)
     sha = _sha256_file(model_out) if os.path.exists(model_out) else None
     if sha and old.get("model_sha256") == sha and all(old.get(k) == v for k, v in settings.items()):
         print(f"{model_out} is up to date (vocab {vocab_size}, trained on {old.get('source')}); nothing to do")
@@ -583,12 +578,11 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         what = f"trained on {old['source']}" if old.get("source") else "not made by train_vocab here"
         root = os.path.dirname(model_out) or "."  # the shard folders beside it (tok*/) that were made with it
         shards = [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("tok")
-                  and (_read_json(os.path.join(root, d, "meta.json")) or {}).get("tokenizer_sha256") == sha]
+                  and _read_json(os.path.join(root, d, "meta.json")).get("tokenizer_sha256") == sha]
         deps = f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it"
         raise DataError(f"{model_out} already exists ({what}); a new tokenizer there would orphan {deps} and every "
                         "checkpoint trained on them (they could not resume on re-made shards). Write it elsewhere "
-                        "(another --data_dir or --model_out), or pass --overwrite to replace it (then pretokenize "
-                        "again)")
+                        "(another --data_dir or --model_out), or pass --overwrite (then pretokenize again)")
 
     # A bounded sample, chosen by a hash of each document so it spreads evenly over the corpus and is the same every
     # run; it stays in memory (sample_bytes at most) and reaches sentencepiece through sentence_iterator, which lets
@@ -618,13 +612,10 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
 
     os.makedirs(os.path.dirname(model_out) or ".", exist_ok=True)
     atomic_write(model_out, tok.model_bytes)
-    vocab_path = (model_out[:-6] if model_out.endswith(".model") else model_out) + ".vocab"
-    # a human-readable list of pieces; newlines/tabs escaped to keep one piece per line
-    lines = []
-    for i in range(tok.vocab_size):
-        piece = tok.sp.id_to_piece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-        lines.append(f"{piece}\t{tok.sp.get_score(i):g}\n")
-    atomic_write(vocab_path, "".join(lines).encode("utf-8"))
+    vocab_path = model_out.removesuffix(".model") + ".vocab"
+    escape = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t"})  # a human-readable list, one piece a line
+    atomic_write(vocab_path, "".join(f"{tok.sp.id_to_piece(i).translate(escape)}\t{tok.sp.get_score(i):g}\n"
+                                     for i in range(tok.vocab_size)).encode("utf-8"))
     _write_json_atomic(sidecar_path, {**settings, "source": corpus.description(), "inputs": corpus.inputs,
                                       "sample_documents": n_docs, "sample_chars": sample_chars,
                                       "model_sha256": tok.sha256})
@@ -762,8 +753,7 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
     settings = {"tokenizer_sha256": tok.sha256, "source_fingerprint": corpus.fingerprint(),
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     old = _read_json(os.path.join(shard_dir, "meta.json"))
-    if (isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items())
-            and _shards_problem(shard_dir, old) is None):
+    if all(old.get(k) == v for k, v in settings.items()) and _shards_problem(shard_dir, old) is None:
         print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
               f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
         return shard_dir
@@ -840,12 +830,11 @@ def _make_command(data_dir, vocab_size, meta):
     meta.json or the tokenizer's sidecar recorded it) unless it is the default, the one corpus under data_dir/raw/,
     and meta.json's --val_fraction (a small corpus may need its larger one)."""
     flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else f" --data_dir={data_dir}")
-    sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json")) or {}
+    sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json"))
     inputs = meta.get("inputs") or sidecar.get("inputs")
-    try:
+    default = None
+    with contextlib.suppress(DataError):
         default = default_inputs(data_dir)
-    except DataError:
-        default = None
     if inputs and [os.path.normpath(i) for i in inputs] != [os.path.normpath(i) for i in default or []]:
         flag += " --input " + shlex.join(inputs)
     elif not inputs and default is None:
@@ -862,7 +851,7 @@ def load_meta(data_dir, vocab_size, tokenizer_sha256=None):
     shard_dir = os.path.join(data_dir, f"tok{vocab_size}")
     meta = _read_json(os.path.join(shard_dir, "meta.json"))
     def make():  # the fix command, for the errors only: it lists data_dir/raw and reads the tokenizer's notes
-        return f"`{_make_command(data_dir, vocab_size, meta if isinstance(meta, dict) else {})}`"
+        return f"`{_make_command(data_dir, vocab_size, meta)}`"
 
     if not os.path.exists(os.path.join(shard_dir, "meta.json")):
         raise SystemExit(f"no shards in {shard_dir} (no meta.json): make them with {make()}")
@@ -1029,9 +1018,8 @@ def build_parser():
                    help="files, directories (recursive) or globs; default: the one corpus under DATA_DIR/raw/")
     g.add_argument("--text_field", help='.jsonl/.json field holding the text (default: "text", else "story")')
     g.add_argument("--doc_per_file", action="store_true", help="each .txt file is one document")
-    g.add_argument("--min_doc_chars", type=int, default=MIN_DOC_CHARS,
-                   help=".txt blank-line paragraphs are grouped into documents of at least this many characters "
-                        "(0: one document per paragraph; default %(default)s)")
+    g.add_argument("--min_doc_chars", type=int, default=MIN_DOC_CHARS, help=".txt paragraphs are grouped into "
+                   "documents of at least this many characters (0: one per paragraph; default %(default)s)")
     g.add_argument("--errors", choices=("strict", "replace"), default="strict",
                    help="non-UTF-8 bytes: stop with an error (strict, default) or read them as U+FFFD (replace)")
 
@@ -1049,12 +1037,10 @@ def build_parser():
                                      "of the corpus; writes DATA_DIR/tok{N}.model and .vocab.")
     t.add_argument("--vocab_size", type=int, required=True, help="number of pieces, e.g. 4096")
     t.add_argument("--model_out", help="output path (default DATA_DIR/tok{N}.model)")
-    t.add_argument("--sample_bytes", type=int, default=SAMPLE_BYTES,
-                   help="train on at most this much text (%(default)s)")
+    t.add_argument("--sample_bytes", type=int, default=SAMPLE_BYTES, help="sample at most this much text (%(default)s)")
     t.add_argument("--num_threads", type=int, help="sentencepiece threads (default: all CPUs)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace an existing tokenizer that was trained on other input (its shards and the "
-                        "checkpoints trained on them no longer match it)")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer trained on other input (its shards "
+                   "and the checkpoints trained on them no longer match it)")
 
     k = verbs.add_parser("pretokenize", parents=[common, reading], help="tokenize the corpus into shards",
                          description="Tokenize the corpus into DATA_DIR/tok{N}/{train,val}_NNN.bin (BOS + document + "
