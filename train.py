@@ -721,6 +721,8 @@ def train():
         torch.cuda.set_device(dev)
     device_type = dev.split(":")[0]
     dtype_name = pick_dtype(dtype, dev, training=True)
+    dtype_why = (" (auto: this CPU multiplies bfloat16 fast; --dtype=float32 to train in float32)"
+                 if device_type == "cpu" and dtype == "auto" and dtype_name == "bfloat16" else "")
     if gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of "
              f"processes ({world_size}); e.g. --gradient_accumulation_steps="
@@ -777,6 +779,7 @@ def train():
                              f"{FRESH_START_CHOICES}")
     if ckpt is not None and dtype == "auto" and ckpt.get("precision", {}).get("device_type") == device_type:
         dtype_name = ckpt["precision"]["dtype"]  # what "auto" chose then (on a CPU a measurement), for a bitwise resume
+        dtype_why = " (auto: as the checkpoint was trained)"
     model = Transformer.from_checkpoint(ckpt, ckpt_path) if ckpt is not None else Transformer(model_args)
     model.to(dev)
     optimizers = build_optimizers(model, device_type)
@@ -906,7 +909,7 @@ def train():
               f"context {max_seq_len}, vocab {vocab_size}")
         print(f"data: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} val "
               f"tokens in {data_dir}/tok{vocab_size}")
-        print(f"device {dev}, dtype {dtype_name}, {world_size} process(es), compile {use_compile}"
+        print(f"device {dev}, dtype {dtype_name}{dtype_why}, {world_size} process(es), compile {use_compile}"
               + (" (each block once)" if use_compile else ""))
         print(f"tokens per iteration: {tokens_per_iter:,} = {gradient_accumulation_steps} accumulation x "
               f"{batch_size} batch x {max_seq_len} tokens (over {world_size} processes)")
