@@ -147,7 +147,7 @@ class Attention(nn.Module):
         # (enable_gqa: CPU's flash kernel and CUDA's flash and cuDNN kernels take it; measured on an H200 it is
         # faster than repeat_interleave copies of k and v), and so does the cache path
         extra = ({"enable_gqa": True} if grouped else {}) | ({"scale": 1 / math.sqrt(self.head_dim)} if pad else {})
-        cpu_bf16 = not x.is_cuda and q.dtype == torch.bfloat16
+        cpu_bf16 = x.device.type == "cpu" and q.dtype == torch.bfloat16
         if cpu_bf16:
             # the CPU's flash attention runs its backward pass in bfloat16 ~1.9x slower than in float32 (tiny's
             # shape; autocast would cast float32 inputs back down, so it is off here): the matmuls around it
