@@ -133,7 +133,10 @@ def atomic_write(path, content):
     f = _WriteRecorder(open(tmp, "wb"))
     try:
         with f._f:
-            content(f) if callable(content) else f.write(content)
+            if callable(content):
+                content(f)
+            else:
+                f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
