@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -387,6 +389,34 @@ def test_chunked_lm_head_loss_and_gradients_equal_the_full_logits():
     assert torch.allclose(out, ref) and torch.allclose(h.grad, gh, atol=1e-6) and torch.allclose(w.grad, gw, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(model_module.linear_cross_entropy(h, w, t, chunk_elements=600), ref)
+
+
+def check_xent_rows(device):
+    """xent_rows against xent_chunk: loss and gradient, ignored rows, rows narrower than one block of the kernel and
+    rows of several blocks (the last one partly past the end), with and without the gradient."""
+    torch.manual_seed(0)
+    for rows, vocab in ((5, 64), (6, 1000), (4, 5000), (3, 9000)):
+        logits = (torch.randn(rows, vocab, device=device) * 3).bfloat16()
+        targets = torch.randint(0, vocab, (rows,), device=device)
+        targets[1] = -1
+        loss, grad = model_module.xent_rows(logits, targets, True)
+        ref_loss, ref_grad = model_module.xent_chunk(logits, targets, True)
+        assert grad.dtype == torch.bfloat16 and not grad[1].any()
+        assert torch.allclose(loss, ref_loss) and torch.allclose(grad.float(), ref_grad.float(), atol=4e-3)
+        assert torch.allclose(model_module.xent_rows(logits, targets, False)[0], ref_loss)
+
+
+@pytest.mark.skipif(model_module.triton is None, reason="needs Triton (PyTorch's CUDA builds bring it)")
+def test_cuda_cross_entropy_kernel_matches_xent_chunk():
+    if torch.cuda.is_available():
+        check_xent_rows("cuda")
+    else:  # no GPU: the same kernel through Triton's interpreter, on CPU tensors
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = f"import sys; sys.path[:0] = [{os.path.dirname(here)!r}, {here!r}]; import test_model; " \
+               "test_model.check_xent_rows('cpu')"
+        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
