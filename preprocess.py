@@ -71,6 +71,9 @@ TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolv
 TINYSTORIES_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd7699"
 DOWNLOAD_RETRIES = 3
 
+# -----------------------------------------------------------------------------
+# helpers: errors, progress bars, hashes, files written whole
+
 
 class DataError(Exception):
     """Bad input or a refused operation; the CLI prints it as one line and exits 1."""
@@ -112,11 +115,7 @@ class _WriteRecorder:
             self.error = e
             raise
 
-    def writelines(self, chunks):
-        for chunk in chunks:
-            self.write(chunk)
-
-    def __getattr__(self, name):  # everything else (flush, tell, seek, fileno, ...) is the real file's
+    def __getattr__(self, name):  # everything else (writelines, flush, seek, fileno, ...) is the real file's
         return getattr(self._f, name)
 
 
