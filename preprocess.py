@@ -42,6 +42,7 @@ import tarfile
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -441,6 +442,8 @@ def _extract(archive, out_dir, keep, desc):
 def fetch(url, dest, sha256=None, retries=DOWNLOAD_RETRIES):
     """Download url to dest through dest.part, resuming an earlier partial download with an HTTP Range request and
     retrying dropped connections; dest appears only once its sha256 matches."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise DataError(f"{url!r} is not an http(s) URL; give a full one (--url https://...)")
     part = dest + ".part"
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     print(f"downloading {url}")

@@ -761,6 +761,9 @@ def test_download_cli_with_a_mirror_url(server, tmp_path):
                server.url.replace("TinyStories", "Missing"))
     assert_clean_failure(proc, "HTTP 404")
     assert not (tmp_path / "x" / "raw" / "tinystories").exists()
+    proc = cli("download", "tinystories", "--data_dir", tmp_path / "y", "--url", "example.com/TinyStories.tar.gz")
+    assert_clean_failure(proc, "is not an http(s) URL; give a full one")
+    assert not (tmp_path / "y").exists()
 
 
 def make_fake_sdist(path):
