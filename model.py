@@ -421,12 +421,11 @@ def xent_chunk(logits, targets, need_grad: bool):
 
 if triton is not None:
     @triton.jit
-    def _xent_rows(logits_ptr, targets_ptr, loss_ptr, grad_ptr, n_cols, stride,
-                   BLOCK: tl.constexpr, NEED_GRAD: tl.constexpr):
+    def _xent_rows(logits_ptr, targets_ptr, loss_ptr, grad_ptr, n_cols, BLOCK: tl.constexpr, NEED_GRAD: tl.constexpr):
         # xent_chunk for one row (one program per row): a pass for the max and the sum of exp together (online
         # softmax), then a pass that writes softmax - onehot
         row = tl.program_id(0).to(tl.int64)
-        logits_ptr += row * stride
+        logits_ptr += row * n_cols
         target = tl.load(targets_ptr + row)
         valid = target != -1
         # per lane: the largest logit so far (finite: a lane past n_cols must not compute -inf - -inf) and
@@ -444,7 +443,7 @@ if triton is not None:
         x_target = tl.load(logits_ptr + tl.where(valid, target, 0)).to(tl.float32)
         tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
         if NEED_GRAD:
-            grad_ptr += row * stride
+            grad_ptr += row * n_cols
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 x = tl.load(logits_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
@@ -459,13 +458,13 @@ def xent_rows(logits, targets, need_grad: bool):
     the second read mostly hits the L2 cache. On an H200: 0.410 ms instead of 0.538 for a chunk of 8192 x 32000
     bf16 logits (1.31x; 0.437 vs 0.577 for 65536 x 4096), the stories15M step ~3% faster.
     """
+    logits, targets = logits.contiguous(), targets.contiguous()  # (no-ops for the chunks of linear_cross_entropy)
     rows, n_cols = logits.shape
-    assert logits.stride(1) == 1
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if need_grad else None
     block = 1024 if n_cols <= 8192 else 2048  # the best of 1024-8192 lanes x 4-16 warps at vocab 4096 and 32000
-    _xent_rows[(rows,)](logits, targets, loss, loss if grad is None else grad, n_cols, logits.stride(0),
-                        BLOCK=block, NEED_GRAD=need_grad, num_warps=block // 256)
+    _xent_rows[(rows,)](logits, targets, loss, loss if grad is None else grad, n_cols, BLOCK=block,
+                        NEED_GRAD=need_grad, num_warps=block // 256)
     return loss.sum(), grad
 
 
