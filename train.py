@@ -864,11 +864,14 @@ def train():
         model.train()
         return out
 
-    def write_checkpoint(path):
-        states = [train_batches_state]
+    def write_checkpoint(path, iter_num, best_val_loss, budget_iters, data_state):
+        """The model, optimizers and everything a bitwise resume needs, at iteration iter_num; data_state is this
+        process's place in the training stream (every process's is gathered). The state that changes as training
+        goes is passed in, not read from train()'s variables."""
+        states = [data_state]
         if ddp:
             gathered = [None] * world_size
-            dist.all_gather_object(gathered, train_batches_state)
+            dist.all_gather_object(gathered, data_state)
             states = gathered
         if not master:
             return
@@ -940,10 +943,11 @@ def train():
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0 and not eval_only:
-                write_checkpoint(ckpt_path)
+                state = (iter_num, best_val_loss, budget_iters, train_batches_state)
+                write_checkpoint(ckpt_path, *state)
                 saved_iter = iter_num
                 if improved and keep_best:
-                    write_checkpoint(os.path.join(out_dir, "best.pt"))
+                    write_checkpoint(os.path.join(out_dir, "best.pt"), *state)
             t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
             if budget is not None:
                 budget.eval_seconds = max(budget.eval_seconds, time.time() - t_eval)
@@ -958,7 +962,7 @@ def train():
             stop_now = False
         if stop_now:
             if iter_num > resume_iter:
-                write_checkpoint(ckpt_path)
+                write_checkpoint(ckpt_path, iter_num, best_val_loss, budget_iters, train_batches_state)
             if master and os.path.exists(ckpt_path):
                 print(f"stopped at iteration {iter_num}; {ckpt_path} holds it. Resume with the same command "
                       "(init_from='auto' continues from it).")
