@@ -895,6 +895,10 @@ def train():
             raise SystemExit(f"error: cannot write in {out_dir} ({e.strerror or e}); free some disk space or fix "
                              "the folder, then run the same command again") from None
 
+    if master and wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
+
     def record(entry):
         history.append(entry)
         with open(metrics_path, "a") as f:
@@ -903,9 +907,6 @@ def train():
             wandb.log(entry, step=entry["iter"])
 
     if master:
-        if wandb_log:
-            import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
         n = model.num_params()
         print(f"model: {n / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M without "
               f"embeddings), {n_layers} layers, dim {dim}, {n_heads} heads ({n_kv_heads} kv), "
