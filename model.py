@@ -428,9 +428,9 @@ if triton is not None:
         logits_ptr += row * n_cols
         target = tl.load(targets_ptr + row)
         valid = target != -1
-        # per lane: the largest logit so far (finite: a lane past n_cols must not compute -inf - -inf) and
-        # sum(exp(x - m))
-        m = tl.full((BLOCK,), -1e30, tl.float32)
+        # per lane: the largest logit so far and sum(exp(x - m)); m starts at float32's lowest finite value, not
+        # -inf, so that a lane past n_cols (always -inf) never computes -inf - -inf
+        m = tl.full((BLOCK,), -3.4028234663852886e38, tl.float32)
         s = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -463,8 +463,10 @@ def xent_rows(logits, targets, need_grad: bool):
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if need_grad else None
     block = 1024 if n_cols <= 8192 else 2048  # the best of 1024-8192 lanes x 4-16 warps at vocab 4096 and 32000
-    _xent_rows[(rows,)](logits, targets, loss, loss if grad is None else grad, n_cols, BLOCK=block,
-                        NEED_GRAD=need_grad, num_warps=block // 256)
+    # Triton launches on the current device, which may be another GPU (on a CPU tensor: Triton's interpreter)
+    with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
+        _xent_rows[(rows,)](logits, targets, loss, loss if grad is None else grad, n_cols, BLOCK=block,
+                            NEED_GRAD=need_grad, num_warps=block // 256)
     return loss.sum(), grad
 
 

@@ -392,18 +392,23 @@ def test_chunked_lm_head_loss_and_gradients_equal_the_full_logits():
 
 
 def check_xent_rows(device):
-    """xent_rows against xent_chunk: loss and gradient, ignored rows, rows narrower than one block of the kernel and
-    rows of several blocks (the last one partly past the end), with and without the gradient."""
+    """xent_rows against xent_chunk: loss and gradient in each training dtype, ignored rows, rows narrower than one
+    block of the kernel and rows of several blocks (the last one partly past the end), logits far below zero, with
+    and without the gradient."""
     torch.manual_seed(0)
-    for rows, vocab in ((5, 64), (6, 1000), (4, 5000), (3, 9000)):
-        logits = (torch.randn(rows, vocab, device=device) * 3).bfloat16()
-        targets = torch.randint(0, vocab, (rows,), device=device)
-        targets[1] = -1
-        loss, grad = model_module.xent_rows(logits, targets, True)
-        ref_loss, ref_grad = model_module.xent_chunk(logits, targets, True)
-        assert grad.dtype == torch.bfloat16 and not grad[1].any()
-        assert torch.allclose(loss, ref_loss) and torch.allclose(grad.float(), ref_grad.float(), atol=4e-3)
-        assert torch.allclose(model_module.xent_rows(logits, targets, False)[0], ref_loss)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for rows, vocab, scale in ((4, 1, 3), (5, 64, 3), (6, 1000, 3), (4, 5000, 3), (3, 9000, 3), (3, 50, -1e35)):
+            if dtype == torch.float16 and abs(scale) > 1e4:
+                continue
+            logits = (torch.randn(rows, vocab, device=device).abs() * scale).to(dtype)
+            targets = torch.randint(0, vocab, (rows,), device=device)
+            targets[1] = -1
+            loss, grad = model_module.xent_rows(logits, targets, True)
+            ref_loss, ref_grad = model_module.xent_chunk(logits, targets, True)
+            assert grad.dtype == dtype and not grad[1].any()
+            assert torch.allclose(loss, ref_loss) and torch.allclose(grad.float(), ref_grad.float(), atol=4e-3)
+            loss, grad = model_module.xent_rows(logits, targets, False)
+            assert grad is None and torch.allclose(loss, ref_loss)
 
 
 @pytest.mark.skipif(model_module.triton is None, reason="needs Triton (PyTorch's CUDA builds bring it)")
