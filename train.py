@@ -718,7 +718,8 @@ def train():
     dev = pick_device(device)
     if ddp and dev.startswith("cuda"):
         dev = f"cuda:{local_rank}"
-        torch.cuda.set_device(dev)
+    if dev.startswith("cuda:"):
+        torch.cuda.set_device(dev)  # streams, CUDA graphs and Triton kernels run on the current device
     device_type = dev.split(":")[0]
     dtype_name = pick_dtype(dtype, dev, training=True)
     dtype_why = (" (auto: this CPU multiplies bfloat16 fast; --dtype=float32 to train in float32)"
