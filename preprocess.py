@@ -48,6 +48,7 @@ import urllib.request
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
+from tqdm.utils import CallbackIOWrapper
 
 # torch is imported only where batches are made (BatchStream): the pretokenize workers and the CLI stay light.
 
@@ -456,10 +457,10 @@ def fetch(url, dest, sha256=None, retries=DOWNLOAD_RETRIES):
                     have = 0  # the server ignored the Range header and sends the whole file: start over
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                with open(part, "ab" if have else "wb") as f, tqdm.wrapattr(  # a bar counting the writes, as _bar
-                        f, "write", total=total, initial=have, desc=os.path.basename(dest), disable=None,
-                        dynamic_ncols=True) as out:
-                    shutil.copyfileobj(resp, out, 1 << 20)
+                with open(part, "ab" if have else "wb") as f, _bar(desc=os.path.basename(dest), total=total,
+                                                                   initial=have, unit="B", unit_scale=True,
+                                                                   unit_divisor=1024) as bar:
+                    shutil.copyfileobj(resp, CallbackIOWrapper(bar.update, f, "write"), 1 << 20)
             if total is not None and os.path.getsize(part) < total:  # http.client does not notice this itself
                 raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
             break
