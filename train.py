@@ -865,10 +865,11 @@ def train():
         model.train()
         return out
 
-    def write_checkpoint(path, iter_num, best_val_loss, budget_iters, data_state):
-        """The model, optimizers and everything a bitwise resume needs, at iteration iter_num; data_state is this
-        process's place in the training stream (every process's is gathered). The state that changes as training
-        goes is passed in, not read from train()'s variables."""
+    def write_checkpoint(paths, iter_num, best_val_loss, budget_iters, data_state):
+        """The model, optimizers and everything a bitwise resume needs, at iteration iter_num, to each of paths
+        (ckpt.pt, and best.pt when it improved: gathered and built once); data_state is this process's place in
+        the training stream (every process's is gathered). The state that changes as training goes is passed in,
+        not read from train()'s variables."""
         states = [data_state]
         if ddp:
             gathered = [None] * world_size
@@ -882,7 +883,8 @@ def train():
                                data_state={"world_size": world_size, "ranks": states},
                                tokenizer=tokenizer.model_bytes, budget_max_iters=budget_iters,
                                precision={"device_type": device_type, "dtype": dtype_name})
-        save_checkpoint(ckpt, path)
+        for path in paths:
+            save_checkpoint(ckpt, path)
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     history = metrics_history(metrics_path, resume_iter) if master and resuming else []
@@ -945,11 +947,9 @@ def train():
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0 and not eval_only:
-                state = (iter_num, best_val_loss, budget_iters, train_batches_state)
-                write_checkpoint(ckpt_path, *state)
+                paths = [ckpt_path] + ([os.path.join(out_dir, "best.pt")] if improved and keep_best else [])
+                write_checkpoint(paths, iter_num, best_val_loss, budget_iters, train_batches_state)
                 saved_iter = iter_num
-                if improved and keep_best:
-                    write_checkpoint(os.path.join(out_dir, "best.pt"), *state)
             t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
             if budget is not None:
                 budget.eval_seconds = max(budget.eval_seconds, time.time() - t_eval)
@@ -964,7 +964,7 @@ def train():
             stop_now = False
         if stop_now:
             if iter_num > resume_iter:
-                write_checkpoint(ckpt_path, iter_num, best_val_loss, budget_iters, train_batches_state)
+                write_checkpoint([ckpt_path], iter_num, best_val_loss, budget_iters, train_batches_state)
             if master and os.path.exists(ckpt_path):
                 print(f"stopped at iteration {iter_num}; {ckpt_path} holds it. Resume with the same command "
                       "(init_from='auto' continues from it).")
