@@ -261,8 +261,9 @@ def plan_micro_batches(accum, rows, seq_len, model_args, device, merge):
     a = model_args
     # activation bytes per token kept for the backward pass: per layer, bf16 copies of the block's inputs, q/k/v,
     # the attention output and the SwiGLU's hidden tensors, plus the float32 residual stream; the chunked LM
-    # head holds no logits. (bench.py's peak memory on an H200, model and optimizer included, came to 0.9-1.0x
-    # this; half the free memory leaves room for the rest)
+    # head holds one chunk of logits and their gradient (up to 4 GiB on a GPU), never the whole matrix.
+    # (bench.py's peak memory on an H200, model, optimizer and that chunk included, came to 1.0x this at
+    # stories110M's shape, 1.6x at stories15M's; half the free memory leaves room for the rest)
     per_token = a.n_layers * (24 * a.dim + 6 * a.hidden_dim) + 16 * a.dim
     budget = torch.cuda.mem_get_info(device)[0] / 2
     for micro_steps in (d for d in range(1, accum + 1) if accum % d == 0):
