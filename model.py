@@ -505,7 +505,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None, None
 
 
-LOGITS_PER_CHUNK = 2 ** 28  # linear_cross_entropy's chunk; forward() also chunks any batch with more logits than this
+LOGITS_PER_CHUNK = 2 ** 28  # forward() chunks any batch with more logits than this (and so does xent_chunk's path)
+KERNEL_CHUNK_BYTES = 2 ** 31  # the chunk of logits for xent_rows (CUDA's kernel)
 
 
 def linear_cross_entropy(h, weight, targets, xent=xent_chunk, chunk_elements=None):
@@ -513,16 +514,18 @@ def linear_cross_entropy(h, weight, targets, xent=xent_chunk, chunk_elements=Non
 
     h: (..., dim), weight: (vocab, dim), targets: (...) with -1 for positions that do not count. Under autocast
     the matmuls run in its dtype, as nn.Linear's would; chunks of about chunk_elements logits each. By default
-    LOGITS_PER_CHUNK (1 GiB in float32), and 4x that on a GPU (2 GiB in bfloat16): each chunk costs three
-    matmuls' tails and a float32 addition of d/dweight, so fewer, larger ones made the stories15M step 1.2 ms
-    faster on an H200 (44.7 -> 43.5 ms; +4.4 GiB peak memory, 14.1 GiB).
+    LOGITS_PER_CHUNK, and for xent_rows KERNEL_CHUNK_BYTES of logits (2^30 in bfloat16; with their gradient,
+    4 GiB): each chunk costs three matmuls' tails and a float32 addition of d/dweight, so fewer, larger ones made
+    the stories15M step 2.6% faster on an H200 (44.7 -> 43.5 ms; +4.4 GiB peak memory). xent_chunk's temporaries
+    are several times its chunk (float32 softmax, one-hot), so it keeps the smaller one.
     """
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     device_type = h.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         h, weight = h.to(dtype), weight.to(dtype)
-    chunk_elements = chunk_elements or LOGITS_PER_CHUNK * (4 if h.is_cuda else 1)
+    if chunk_elements is None:
+        chunk_elements = KERNEL_CHUNK_BYTES // h.element_size() if xent is xent_rows else LOGITS_PER_CHUNK
     chunks = max(1, math.ceil(h.shape[0] * weight.shape[0] / chunk_elements))
     rows = math.ceil(h.shape[0] / chunks)
     with torch.autocast(device_type, enabled=False):

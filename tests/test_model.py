@@ -391,6 +391,31 @@ def test_chunked_lm_head_loss_and_gradients_equal_the_full_logits():
         assert torch.allclose(model_module.linear_cross_entropy(h, w, t, chunk_elements=600), ref)
 
 
+def test_default_chunks_bound_the_logits_in_memory(monkeypatch):
+    """CUDA's kernel takes chunks of KERNEL_CHUNK_BYTES of logits (by the matmul dtype's size); xent_chunk, whose
+    float32 temporaries are several times its chunk, takes LOGITS_PER_CHUNK logits, on any device."""
+    rows_seen = []
+
+    def kernel(logits, targets, need_grad):  # stands in for xent_rows (Triton), recording its chunks
+        rows_seen.append(logits.shape[0])
+        return model_module.xent_chunk(logits, targets, need_grad)
+
+    monkeypatch.setattr(model_module, "xent_rows", kernel)
+    monkeypatch.setattr(model_module, "KERNEL_CHUNK_BYTES", 2048)  # 512 float32 logits, 1024 in bfloat16
+    monkeypatch.setattr(model_module, "LOGITS_PER_CHUNK", 160)
+    h, w, t = torch.randn(40, 8), torch.randn(16, 8), torch.randint(0, 16, (40,))
+    ref = F.cross_entropy(h @ w.t(), t)
+    assert torch.allclose(model_module.linear_cross_entropy(h, w, t, kernel), ref)
+    assert rows_seen == [20, 20]  # 640 logits in chunks of at most 512
+    rows_seen.clear()
+    model_module.linear_cross_entropy(h.bfloat16(), w.bfloat16(), t, kernel)
+    assert rows_seen == [40]
+    rows_seen.clear()
+    monkeypatch.setattr(model_module, "xent_rows", None)  # the same function, now not the kernel
+    model_module.linear_cross_entropy(h, w, t, kernel)
+    assert rows_seen == [10, 10, 10, 10]  # at most 160 logits each
+
+
 def check_xent_rows(device):
     """xent_rows against xent_chunk: loss and gradient in each training dtype, ignored rows, rows narrower than one
     block of the kernel and rows of several blocks (the last one partly past the end), logits far below zero, with
