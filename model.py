@@ -241,7 +241,7 @@ class Transformer(nn.Module):
         options = {"triton.autotune_pointwise": False}
         for layer in self.layers:
             layer.compile(dynamic=False, options=options)
-        self.norm.compile(dynamic=False, options=options)  # eager, its float32 ops took 1-2.5% of an H200 step
+        self.norm.compile(dynamic=False, options=options)  # left eager: several float32 ops, 1-2.5% of a step
         if triton is not None and self.output.weight.is_cuda:
             self.xent = xent_rows
         else:
@@ -505,8 +505,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None, None
 
 
-LOGITS_PER_CHUNK = 2 ** 28  # forward() chunks any batch with more logits than this (and so does xent_chunk's path)
-KERNEL_CHUNK_BYTES = 2 ** 31  # the chunk of logits for xent_rows (CUDA's kernel)
+LOGITS_PER_CHUNK = 2 ** 28  # linear_cross_entropy's chunk (except xent_rows'); forward() chunks any batch larger
+KERNEL_CHUNK_BYTES = 2 ** 31  # linear_cross_entropy's chunk for xent_rows (CUDA's kernel), in bytes of logits
 
 
 def linear_cross_entropy(h, weight, targets, xent=xent_chunk, chunk_elements=None):
