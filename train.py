@@ -344,23 +344,75 @@ class Stepper:
             self.pending.append(torch.cuda.Event())
             self.pending[-1].record()
 
-    def wait(self, timeout):
-        """Under torchrun on CUDA, wait for the steps taken so far, each for at most timeout seconds (ddp_timeout);
-        else return at once (the host reads that follow wait as they do).
+    def wait(self, timeout, event=None):
+        """Under torchrun on CUDA, wait for the steps taken so far (or, given a CUDA event, for the work before it),
+        each for at most timeout seconds (ddp_timeout); else return at once (the host reads that follow wait as
+        they do).
 
         The process group's own timeout does not watch collectives captured in a CUDA graph: without this, a
         process that died or hangs would leave the others blocked for ever at their next read of the results.
         It polls, so SIGTERM/Ctrl-C handlers run meanwhile.
         """
-        for done in self.pending or ():
+        if self.pending is None:
+            return
+        for done in self.pending if event is None else [event]:
             t0 = time.time()
             while not done.query():
                 if time.time() - t0 > timeout:
                     raise dist.DistError(f"no step ended for {timeout:.0f} s (ddp_timeout): a collective waits for a "
                                          "process that died or hangs")
                 time.sleep(2e-4)
-        if self.pending:
-            self.pending.clear()
+        self.pending = [e for e in self.pending if not e.query()]
+
+
+class Results:
+    """The step's results (Stepper.stats) on their way to the host, where reading them is the loop's only sync.
+
+    A read makes the host wait for the device, and on a GPU the device then idles until the host has logged and
+    launched the next step (on an H200 at stories15M's shape, 3-7 ms at every log iteration, in a 43 ms step).
+    So on CUDA take() copies them to pinned memory without waiting, and the loop reads the copy once it has
+    launched the next step, which runs meanwhile (deferred). Elsewhere a step has ended when it returns: read
+    at once.
+    Under torchrun a log iteration's copy also carries the stop flag summed over the processes: every process
+    reads the same sum after the same iteration, so all of them stop at the same one.
+    """
+
+    names = ("loss", "grad_norm", "bad", "bad_steps", "skipped")
+
+    def __init__(self, stepper, deferred, ddp, timeout):
+        self.stepper, self.deferred, self.ddp, self.timeout = stepper, deferred, ddp, timeout
+        # (iter_num, logging, the copy, the CUDA event after it or None, the steps launched by then), oldest first
+        self.taken = []
+
+    def take(self, iter_num, logging, stop_requested):
+        """Copy the results of the step that ended at iteration iter_num (and at a log iteration under torchrun,
+        this process's stop request summed over all of them)."""
+        values = [self.stepper.stats[k] for k in self.names]
+        if self.ddp and logging:
+            flag = torch.tensor(float(stop_requested), device=values[0].device)
+            dist.all_reduce(flag)
+            values.append(flag)
+        values, event = torch.stack(values), None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)  # into pinned memory: filled once the device gets here
+            event = torch.cuda.Event()
+            event.record()
+        self.taken.append((iter_num, logging, values, event, self.stepper.steps))
+
+    def ready(self, everything):
+        """The copies taken, oldest first, as (iter_num, logging, {name: value}, stop agreed), each waited for
+        (bounded by the timeout under torchrun): on CUDA only those with a step launched after them, unless
+        everything (the loop is about to evaluate, stop or end)."""
+        n = sum(1 for *_, steps in self.taken if everything or not self.deferred or steps < self.stepper.steps)
+        out = []
+        for iter_num, logging, values, event, _ in self.taken[:n]:
+            if event is not None:
+                self.stepper.wait(self.timeout, event)
+                event.synchronize()
+            v = values.tolist()
+            out.append((iter_num, logging, dict(zip(self.names, v)), len(v) > len(self.names) and v[-1] > 0))
+        del self.taken[:n]
+        return out
 
 
 def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, dtype_name, grad_clip, grads, fast):
@@ -926,16 +978,81 @@ def train():
     # ---- the training loop
     stop = StopRequest()
     train_batches_state = train_batches.state_dict()  # the state that yields the next batch
-    stats = stepper.stats  # the step's results, on the device: read only when logging
+    results = Results(stepper, device_type == "cuda", ddp, ddp_timeout)
     t_last, iters_since_log, ms_per_iter = time.time(), 0, None
     saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
+    evaluated_at = resumed_at  # (a resumed run does not repeat the evaluation its checkpoint was written after)
+    stop_agreed = False  # under torchrun: a process asked to stop (read at a log iteration)
     warm_iter = resume_iter + (Stepper.warmup_steps + 1 if stepper.capture else 0)  # compiled and captured
     budget = Budget(max_train_seconds, device_type, warm_iter) if max_train_seconds > 0 and budget_iters is None \
         else None
     while True:
         last = iter_num >= max_iters
-        # (a resumed run does not repeat the evaluation its checkpoint was written after)
-        if eval_only or ((iter_num % eval_interval == 0 or last) and iter_num != resumed_at):
+        evaluate_now = eval_only or ((iter_num % eval_interval == 0 or last) and iter_num != evaluated_at)
+        stop_now = stop_agreed if ddp else stop.signal is not None  # (all processes stop at the same iteration)
+        step_now = not (evaluate_now or last or stop_now)
+        if step_now:
+            # data -> step -> log: the step runs on the device while the host fetches the next batches
+            set_lr(optimizers, iter_num)
+            stepper.load(*zip(*(next(train_batches) for _ in range(accum))))
+            train_batches_state = train_batches.state_dict()
+            stepper()
+            iter_num += 1
+            iters_since_log += 1
+            if iter_num == resume_iter + 1 and master:
+                stepper.stats["loss"].item()  # wait for the first step (compilation included)
+                print(f"first step done {time.time() - PROCESS_START:.1f} s after start", flush=True)
+            if budget is not None:
+                stepper.wait(ddp_timeout)  # the budget times the steps: it waits for each anyway
+                if budget.timed(iter_num):
+                    max_iters = budget_iters = budget.fit(iter_num, model, optimizers, ddp, dev, master)
+                    budget = None
+            logging = iter_num % log_interval == 0 or iter_num == max_iters
+            # max_bad_steps: the count lives on the device; read it with the logs, on the CPU (where that costs
+            # nothing) after every step, else every max_bad_steps iterations too: on CUDA, read one step late, at
+            # most 2 x max_bad_steps non-finite steps are taken (each skipped) before the stop
+            if logging or device_type == "cpu" or iter_num % max_bad_steps == 0:
+                results.take(iter_num, logging, stop.signal is not None)
+
+        # the results taken at earlier iterations: on CUDA the step just launched runs while they are read
+        for it, logged, r, agreed in results.ready(everything=not step_now):
+            stop_agreed = stop_agreed or agreed
+            if r["bad_steps"] >= max_bad_steps:
+                held = (f"{ckpt_path} holds iteration {saved_iter} (skipped steps change no weights)"
+                        if saved_iter is not None else
+                        f"no checkpoint was written (the first was due at iteration {eval_interval})")
+                raise SystemExit(f"error: {int(r['bad_steps'])} consecutive steps with a non-finite loss or gradient "
+                                 f"at iteration {it} ({int(r['skipped'])} skipped in all); {held}. "
+                                 "Lower learning_rate, or use dtype=bfloat16 instead of float16")
+            if not logged:
+                continue
+            steps = iters_since_log - (iter_num - it)  # steps since the last line (not those launched after it)
+            elapsed = time.time() - t_last
+            t_last, ms = time.time(), elapsed / steps * 1000
+            iters_since_log = iter_num - it
+            first_estimate = ms_per_iter is None
+            if it - resume_iter > 2:  # skip the first steps (compile, allocator warm-up) in the averages
+                ms_per_iter = ms if ms_per_iter is None else 0.9 * ms_per_iter + 0.1 * ms
+            if master and first_estimate and ms_per_iter is not None:
+                print(f"estimated training time: {(max_iters - it) * ms_per_iter / 60000:.1f} min for the "
+                      f"remaining {max_iters - it} iterations at {ms_per_iter:.0f} ms each (plus evaluations)")
+            mfu = model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
+            lr, tok_per_s = lr_at(it - 1), tokens_per_iter / ms * 1000  # the step just taken
+            if master:
+                n_skipped = int(r["skipped"])
+                eta = (max_iters - it) * (ms_per_iter or ms) / 1000
+                print(f"iter {it}/{max_iters} | loss {r['loss']:.4f} | lr {lr:.2e} | "
+                      f"norm {r['grad_norm']:.2f} | {ms:.1f} ms | {tok_per_s:,.0f} tok/s"
+                      + (f" | mfu {mfu * 100:.1f}%" if not math.isnan(mfu) else "")
+                      + (f" | {n_skipped} non-finite steps skipped" if n_skipped else "")
+                      + f" | eta {eta / 60:.1f} min", flush=True)
+                record({"iter": it, "tokens": it * tokens_per_iter, "loss": r["loss"], "lr": lr,
+                        "grad_norm": r["grad_norm"], "ms": ms, "tok_per_s": tok_per_s,
+                        "mfu": None if math.isnan(mfu) else mfu, "skipped": n_skipped})
+        if step_now:
+            continue
+
+        if evaluate_now:
             t_eval = time.time()
             losses = evaluate()
             val_bpb = losses["val"] * tokens_per_byte / math.log(2)
@@ -951,18 +1068,12 @@ def train():
                 paths = [ckpt_path] + ([os.path.join(out_dir, "best.pt")] if improved and keep_best else [])
                 write_checkpoint(paths, iter_num, best_val_loss, budget_iters, train_batches_state)
                 saved_iter = iter_num
+            evaluated_at = iter_num
             t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
             if budget is not None:
                 budget.eval_seconds = max(budget.eval_seconds, time.time() - t_eval)
         if last or eval_only:
             break
-        stop_now = stop.signal is not None
-        if ddp and iter_num % log_interval == 0:  # all processes stop at the same iteration (checked with the logs)
-            flag = torch.tensor(float(stop_now), device=dev)
-            dist.all_reduce(flag)
-            stop_now = flag.item() > 0
-        elif ddp:
-            stop_now = False
         if stop_now:
             if iter_num > resume_iter:
                 write_checkpoint([ckpt_path], iter_num, best_val_loss, budget_iters, train_batches_state)
@@ -972,62 +1083,6 @@ def train():
             elif master:
                 print(f"stopped at iteration {iter_num}, before there was anything to save")
             break
-
-        # data -> step -> log: the step runs on the device while the host fetches the next batches
-        set_lr(optimizers, iter_num)
-        stepper.load(*zip(*(next(train_batches) for _ in range(accum))))
-        train_batches_state = train_batches.state_dict()
-        stepper()
-        iter_num += 1
-        iters_since_log += 1
-        if iter_num == resume_iter + 1 and master:
-            stats["loss"].item()  # wait for the first step (compilation included)
-            print(f"first step done {time.time() - PROCESS_START:.1f} s after start", flush=True)
-        if budget is not None:
-            stepper.wait(ddp_timeout)  # the budget times the steps: it waits for each anyway
-            if budget.timed(iter_num):
-                max_iters = budget_iters = budget.fit(iter_num, model, optimizers, ddp, dev, master)
-                budget = None
-
-        logging = iter_num % log_interval == 0 or iter_num == max_iters
-        # max_bad_steps: the count lives on the device; read it where that costs nothing (the CPU, log iterations),
-        # else every max_bad_steps iterations: at most 2 x max_bad_steps - 1 non-finite steps before the stop
-        if logging or device_type == "cpu" or iter_num % max_bad_steps == 0:
-            stepper.wait(ddp_timeout)  # (under torchrun: bounded; the host reads below then find the results ready)
-            n_bad = int(stats["bad_steps"].item())
-            if n_bad >= max_bad_steps:
-                held = (f"{ckpt_path} holds iteration {saved_iter} (skipped steps change no weights)"
-                        if saved_iter is not None else
-                        f"no checkpoint was written (the first was due at iteration {eval_interval})")
-                raise SystemExit(f"error: {n_bad} consecutive steps with a non-finite loss or gradient at "
-                                 f"iteration {iter_num} ({int(stats['skipped'].item())} skipped in all); {held}. "
-                                 "Lower learning_rate, or use dtype=bfloat16 instead of float16")
-        if logging:
-            # the only other host syncs of the loop
-            n_skipped = int(stats["skipped"].item())
-            lossf, normf = stats["loss"].item(), stats["grad_norm"].item()
-            elapsed = time.time() - t_last
-            t_last, ms = time.time(), elapsed / iters_since_log * 1000
-            iters_since_log = 0
-            first_estimate = ms_per_iter is None
-            if iter_num - resume_iter > 2:  # skip the first steps (compile, allocator warm-up) in the averages
-                ms_per_iter = ms if ms_per_iter is None else 0.9 * ms_per_iter + 0.1 * ms
-            if master and first_estimate and ms_per_iter is not None:
-                print(f"estimated training time: {(max_iters - iter_num) * ms_per_iter / 60000:.1f} min for the "
-                      f"remaining {max_iters - iter_num} iterations at {ms_per_iter:.0f} ms each (plus evaluations)")
-            mfu = model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
-            lr, tok_per_s = lr_at(iter_num - 1), tokens_per_iter / ms * 1000  # the step just taken
-            if master:
-                eta = (max_iters - iter_num) * (ms_per_iter or ms) / 1000
-                print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | "
-                      f"norm {normf:.2f} | {ms:.1f} ms | {tok_per_s:,.0f} tok/s"
-                      + (f" | mfu {mfu * 100:.1f}%" if not math.isnan(mfu) else "")
-                      + (f" | {n_skipped} non-finite steps skipped" if n_skipped else "")
-                      + f" | eta {eta / 60:.1f} min", flush=True)
-                record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf,
-                        "lr": lr, "grad_norm": normf, "ms": ms, "tok_per_s": tok_per_s,
-                        "mfu": None if math.isnan(mfu) else mfu,
-                        "skipped": n_skipped})
 
     if master and not eval_only and stop.signal is None:
         evals = [r for r in history if "val_bpb" in r]

@@ -608,6 +608,37 @@ def test_configs_parse():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def test_results_are_read_once_the_next_step_is_launched():
+    """Results, deferred as on CUDA: a copy taken after a step is handed out only once another step has been
+    launched (or when the loop flushes before an evaluation or the end), and it holds that step's values."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=64, max_seq_len=8))
+    optimizers = train_module.build_optimizers(model, "cpu")
+    stepper = train_module.Stepper(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), 1, 2, 8, "cpu",
+                                   train_module.autocast_ctx("cpu", "float32"), 1.0, None, False)
+    results = train_module.Results(stepper, deferred=True, ddp=False, timeout=10)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        batch = torch.randint(0, 64, (2, 9), generator=gen)
+        stepper.load([batch[:, :-1]], [batch[:, 1:]])
+        stepper()
+        return stepper.stats["loss"].item()
+
+    first = step()
+    results.take(1, True, False)
+    assert results.ready(everything=False) == []  # no step launched after it: the device may still be on it
+    second = step()
+    assert second != first
+    [(it, logged, r, stop)] = results.ready(everything=False)
+    assert (it, logged, stop) == (1, True, False) and r["loss"] == first and r["bad_steps"] == 0
+    results.take(2, False, False)
+    assert results.ready(everything=False) == []
+    [(it, logged, r, _)] = results.ready(everything=True)  # before an evaluation, a stop or the end
+    assert (it, logged) == (2, False) and r["loss"] == second
+    assert results.ready(everything=True) == []
+
+
 @needs_cuda
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_captured_step_matches_the_plain_step(monkeypatch, optimizer):
@@ -679,6 +710,10 @@ def test_cuda_training_end_to_end(data_dir, tmp_path, dtype, optimizer):
     assert "2 micro-batches of 4 merged into 1 of 8" in r.stdout and "first step done" in r.stdout
     evals = [m for m in metrics(out) if "val_loss" in m]
     assert [m["iter"] for m in evals] == [0, 15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    # each log iteration is read one step late (the next step runs meanwhile), yet logged once, in order, and
+    # before the evaluation at the same iteration
+    assert [(m["iter"], "val_loss" in m) for m in metrics(out)] == [
+        (0, True), (5, False), (10, False), (15, False), (15, True), (20, False), (25, False), (30, False), (30, True)]
     r = train_cli(data_dir, out, max_iters=45, **common)  # resumes into a new graph
     assert "resuming from" in r.stdout and load_checkpoint(out / "ckpt.pt")["iter_num"] == 45
     assert all(math.isfinite(m["loss"]) for m in metrics(out) if "loss" in m)
