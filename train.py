@@ -366,13 +366,15 @@ class Stepper:
 
 
 class Results:
-    """The step's results (Stepper.stats) on their way to the host, where reading them is the loop's only sync.
+    """The step's results (Stepper.stats) on their way to the host, read at log iterations (and every
+    max_bad_steps iterations): once training runs, the loop's only host syncs.
 
     A read makes the host wait for the device, and on a GPU the device then idles until the host has logged and
     launched the next step (on an H200 at stories15M's shape, 3-7 ms at every log iteration, in a 43 ms step).
-    So on CUDA take() copies them to pinned memory without waiting, and the loop reads the copy once it has
-    launched the next step, which runs meanwhile (deferred). Elsewhere a step has ended when it returns: read
-    at once.
+    So with a captured step (deferred), take() copies them to pinned memory without waiting, and the loop reads
+    the copy once it has launched the next step, which runs meanwhile. Elsewhere the host waits for each step
+    anyway (the CPU; float16's GradScaler) or launches kernels one by one: the copy is read at once. The loop
+    times its log lines by when it reads them, which is when the step ended in both cases.
     Under torchrun a log iteration's copy also carries the stop flag summed over the processes: every process
     reads the same sum after the same iteration, so all of them stop at the same one.
     """
@@ -381,15 +383,16 @@ class Results:
 
     def __init__(self, stepper, deferred, ddp, timeout):
         self.stepper, self.deferred, self.ddp, self.timeout = stepper, deferred, ddp, timeout
-        # (iter_num, logging, the copy, the CUDA event after it or None, the steps launched by then), oldest first
+        # (iter_num, logging, lr, the copy, the CUDA event after it or None, the steps launched by then)
         self.taken = []
 
-    def take(self, iter_num, logging, stop_requested):
-        """Copy the results of the step that ended at iteration iter_num (and at a log iteration under torchrun,
-        this process's stop request summed over all of them)."""
+    def take(self, iter_num, logging, lr, stop_requested):
+        """Copy the results of the step that ended at iteration iter_num, taken at learning rate lr (and at a log
+        iteration under torchrun, this process's stop request summed over all of them)."""
         values = [self.stepper.stats[k] for k in self.names]
         if self.ddp and logging:
-            flag = torch.tensor(float(stop_requested), device=values[0].device)
+            # (torch.full, not torch.tensor: a copy from pageable host memory would wait for the step on the device)
+            flag = torch.full((), float(stop_requested), device=values[0].device)
             dist.all_reduce(flag)
             values.append(flag)
         values, event = torch.stack(values), None
@@ -397,20 +400,20 @@ class Results:
             values = values.to("cpu", non_blocking=True)  # into pinned memory: filled once the device gets here
             event = torch.cuda.Event()
             event.record()
-        self.taken.append((iter_num, logging, values, event, self.stepper.steps))
+        self.taken.append((iter_num, logging, lr, values, event, self.stepper.steps))
 
     def ready(self, everything):
-        """The copies taken, oldest first, as (iter_num, logging, {name: value}, stop agreed), each waited for
-        (bounded by the timeout under torchrun): on CUDA only those with a step launched after them, unless
-        everything (the loop is about to evaluate, stop or end)."""
+        """The copies taken, oldest first, as (iter_num, logging, {name: value, "lr": lr}, stop agreed), each
+        waited for (bounded by the timeout under torchrun): when deferred, only those with a step launched after
+        them, unless everything (the loop is about to evaluate, stop or end)."""
         n = sum(1 for *_, steps in self.taken if everything or not self.deferred or steps < self.stepper.steps)
         out = []
-        for iter_num, logging, values, event, _ in self.taken[:n]:
+        for iter_num, logging, lr, values, event, _ in self.taken[:n]:
             if event is not None:
                 self.stepper.wait(self.timeout, event)
                 event.synchronize()
             v = values.tolist()
-            out.append((iter_num, logging, dict(zip(self.names, v)), len(v) > len(self.names) and v[-1] > 0))
+            out.append((iter_num, logging, dict(zip(self.names, v), lr=lr), len(v) > len(self.names) and v[-1] > 0))
         del self.taken[:n]
         return out
 
@@ -571,14 +574,21 @@ class Budget:
             torch.cuda.synchronize()  # only while timing: a few steps of the run
         return time.time()
 
-    def timed(self, iter_num):
-        """Whether enough warm steps have been timed (at least 5 and a second's worth, or 50)."""
+    def timed(self, iter_num, ddp, dev):
+        """Whether enough warm steps have been timed (at least 5 and a second's worth, or 50). Under torchrun rank
+        0's clock decides for all: by their own clocks, processes could enter fit()'s broadcast at different
+        iterations, where it would meet another process's collective instead."""
         if iter_num == self.first:
             self.t_first = self.now()
         if self.t_first is None or iter_num == self.first:
             return False
         n, seconds = iter_num - self.first, self.now() - self.t_first
-        return n >= 50 or (n >= 5 and seconds >= 1.0)
+        done = n >= 50 or (n >= 5 and seconds >= 1.0)
+        if ddp:
+            verdict = torch.full((), float(done), device=dev)
+            dist.broadcast(verdict, src=0)
+            done = verdict.item() > 0
+        return done
 
     def fit(self, iter_num, model, optimizers, ddp, dev, master):
         s_per_iter = (self.now() - self.t_first) / (iter_num - self.first)
@@ -978,7 +988,8 @@ def train():
     # ---- the training loop
     stop = StopRequest()
     train_batches_state = train_batches.state_dict()  # the state that yields the next batch
-    results = Results(stepper, device_type == "cuda", ddp, ddp_timeout)
+    results = Results(stepper, stepper.capture, ddp, ddp_timeout)
+    stopped = False
     t_last, iters_since_log, ms_per_iter = time.time(), 0, None
     saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
     evaluated_at = resumed_at  # (a resumed run does not repeat the evaluation its checkpoint was written after)
@@ -993,6 +1004,7 @@ def train():
         step_now = not (evaluate_now or last or stop_now)
         if step_now:
             # data -> step -> log: the step runs on the device while the host fetches the next batches
+            lr = lr_at(iter_num)  # this step's (a wall-clock budget may refit the schedule below)
             set_lr(optimizers, iter_num)
             stepper.load(*zip(*(next(train_batches) for _ in range(accum))))
             train_batches_state = train_batches.state_dict()
@@ -1004,7 +1016,7 @@ def train():
                 print(f"first step done {time.time() - PROCESS_START:.1f} s after start", flush=True)
             if budget is not None:
                 stepper.wait(ddp_timeout)  # the budget times the steps: it waits for each anyway
-                if budget.timed(iter_num):
+                if budget.timed(iter_num, ddp, dev):
                     max_iters = budget_iters = budget.fit(iter_num, model, optimizers, ddp, dev, master)
                     budget = None
             logging = iter_num % log_interval == 0 or iter_num == max_iters
@@ -1012,10 +1024,11 @@ def train():
             # nothing) after every step, else every max_bad_steps iterations too: on CUDA, read one step late, at
             # most 2 x max_bad_steps non-finite steps are taken (each skipped) before the stop
             if logging or device_type == "cpu" or iter_num % max_bad_steps == 0:
-                results.take(iter_num, logging, stop.signal is not None)
+                results.take(iter_num, logging, lr, stop.signal is not None)
 
-        # the results taken at earlier iterations: on CUDA the step just launched runs while they are read
-        for it, logged, r, agreed in results.ready(everything=not step_now):
+        # the results taken at earlier iterations: with a captured step, the one just launched runs while they
+        # are read (not while a budget times the steps: it waits for each, and the lines are timed by the reads)
+        for it, logged, r, agreed in results.ready(everything=not step_now or budget is not None):
             stop_agreed = stop_agreed or agreed
             if r["bad_steps"] >= max_bad_steps:
                 held = (f"{ckpt_path} holds iteration {saved_iter} (skipped steps change no weights)"
@@ -1037,7 +1050,7 @@ def train():
                 print(f"estimated training time: {(max_iters - it) * ms_per_iter / 60000:.1f} min for the "
                       f"remaining {max_iters - it} iterations at {ms_per_iter:.0f} ms each (plus evaluations)")
             mfu = model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
-            lr, tok_per_s = lr_at(it - 1), tokens_per_iter / ms * 1000  # the step just taken
+            lr, tok_per_s = r["lr"], tokens_per_iter / ms * 1000
             if master:
                 n_skipped = int(r["skipped"])
                 eta = (max_iters - it) * (ms_per_iter or ms) / 1000
@@ -1075,6 +1088,7 @@ def train():
         if last or eval_only:
             break
         if stop_now:
+            stopped = True
             if iter_num > resume_iter:
                 write_checkpoint([ckpt_path], iter_num, best_val_loss, budget_iters, train_batches_state)
             if master and os.path.exists(ckpt_path):
@@ -1084,7 +1098,7 @@ def train():
                 print(f"stopped at iteration {iter_num}, before there was anything to save")
             break
 
-    if master and not eval_only and stop.signal is None:
+    if master and not eval_only and not stopped:
         evals = [r for r in history if "val_bpb" in r]
         best = min(evals, key=lambda r: r["val_loss"]) if evals else None
         print(f"done: {iter_num} iterations" + (f"; best val loss {best['val_loss']:.4f} "

@@ -589,6 +589,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_a_log_iteration(data_dir, tmp_p
     assert launcher.returncode == 0, output
     stops = [int(w) for w in re.findall(r"stopped at iteration (\d+)", output)]
     assert len(stops) == 1 and stops[0] % 5 == 0, output  # printed once (rank 0), at a log iteration
+    assert "done:" not in output and "next: python sample.py" not in output, output  # rank 0 stopped, too
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == stops[0] and len(ckpt["data_state"]["ranks"]) == 2
 
@@ -626,13 +627,13 @@ def test_results_are_read_once_the_next_step_is_launched():
         return stepper.stats["loss"].item()
 
     first = step()
-    results.take(1, True, False)
+    results.take(1, True, 1e-3, False)
     assert results.ready(everything=False) == []  # no step launched after it: the device may still be on it
     second = step()
     assert second != first
     [(it, logged, r, stop)] = results.ready(everything=False)
-    assert (it, logged, stop) == (1, True, False) and r["loss"] == first and r["bad_steps"] == 0
-    results.take(2, False, False)
+    assert (it, logged, stop) == (1, True, False) and r["loss"] == first and r["bad_steps"] == 0 and r["lr"] == 1e-3
+    results.take(2, False, 1e-3, False)
     assert results.ready(everything=False) == []
     [(it, logged, r, _)] = results.ready(everything=True)  # before an evaluation, a stop or the end
     assert (it, logged) == (2, False) and r["loss"] == second
