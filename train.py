@@ -1021,8 +1021,8 @@ def train():
                     budget = None
             logging = iter_num % log_interval == 0 or iter_num == max_iters
             # max_bad_steps: the count lives on the device; read it with the logs, on the CPU (where that costs
-            # nothing) after every step, else every max_bad_steps iterations too: on CUDA, read one step late, at
-            # most 2 x max_bad_steps non-finite steps are taken (each skipped) before the stop
+            # nothing) after every step, else every max_bad_steps iterations too: with a captured step, read one
+            # step late, at most 2 x max_bad_steps non-finite steps are taken (each skipped) before the stop
             if logging or device_type == "cpu" or iter_num % max_bad_steps == 0:
                 results.take(iter_num, logging, lr, stop.signal is not None)
 
