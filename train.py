@@ -990,7 +990,7 @@ def train():
     train_batches_state = train_batches.state_dict()  # the state that yields the next batch
     results = Results(stepper, stepper.capture, ddp, ddp_timeout)
     stopped = False
-    t_last, iters_since_log, ms_per_iter = time.time(), 0, None
+    t_last, logged_at, ms_per_iter = time.time(), resume_iter, None  # logged_at: the last line's iteration
     saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
     evaluated_at = resumed_at  # (a resumed run does not repeat the evaluation its checkpoint was written after)
     stop_agreed = False  # under torchrun: a process asked to stop (read at a log iteration)
@@ -1010,7 +1010,6 @@ def train():
             train_batches_state = train_batches.state_dict()
             stepper()
             iter_num += 1
-            iters_since_log += 1
             if iter_num == resume_iter + 1 and master:
                 stepper.stats["loss"].item()  # wait for the first step (compilation included)
                 print(f"first step done {time.time() - PROCESS_START:.1f} s after start", flush=True)
@@ -1039,10 +1038,9 @@ def train():
                                  "Lower learning_rate, or use dtype=bfloat16 instead of float16")
             if not logged:
                 continue
-            steps = iters_since_log - (iter_num - it)  # steps since the last line (not those launched after it)
             elapsed = time.time() - t_last
-            t_last, ms = time.time(), elapsed / steps * 1000
-            iters_since_log = iter_num - it
+            t_last, ms = time.time(), elapsed / (it - logged_at) * 1000
+            logged_at = it
             first_estimate = ms_per_iter is None
             if it - resume_iter > 2:  # skip the first steps (compile, allocator warm-up) in the averages
                 ms_per_iter = ms if ms_per_iter is None else 0.9 * ms_per_iter + 0.1 * ms
