@@ -11,6 +11,7 @@ Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and ex
 """
 
 import datetime
+import importlib
 import io
 import json
 import math
@@ -792,6 +793,13 @@ def train():
              f"processes ({world_size}); e.g. --gradient_accumulation_steps="
              f"{world_size * max(1, gradient_accumulation_steps // world_size)}")
     if ddp:
+        # torch._dynamo (which torch.optim and torch.compile import at first use) imports modules whose functions
+        # take dist.group.WORLD as a default argument: imported after init_process_group, they would keep the
+        # process group alive past destroy_process_group, and gloo's threads would then free its last tensors
+        # while Python shuts down (an abort, exit code -6, in about 1 of 20 runs that had trained to the end).
+        # Imported first, those defaults are None. (importlib: an import statement here would make torch a local
+        # name of train(), unbound on the single-process path)
+        importlib.import_module("torch._dynamo")
         # a bounded wait: a collective that a dead or stuck process never joins fails after ddp_timeout seconds
         # (NCCL's watchdog then ends the process) instead of NCCL's or gloo's default of 10-30 minutes
         timeout = datetime.timedelta(seconds=ddp_timeout)
