@@ -445,7 +445,7 @@ if triton is not None:
         target = tl.load(targets_ptr + row)
         valid = target != -1
         # the largest logit so far and sum(exp(x - m)); m starts at float32's lowest finite value, not -inf, so
-        # that a lane past n_cols (always -inf) never computes -inf - -inf
+        # that a first block of -inf logits (masked) never computes -inf - -inf
         m = tl.max(tl.full((BLOCK,), -3.4028234663852886e38, tl.float32), 0)
         s = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
         for start in range(0, n_cols, BLOCK):

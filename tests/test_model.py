@@ -418,8 +418,8 @@ def test_default_chunks_bound_the_logits_in_memory(monkeypatch):
 
 def check_xent_rows(device):
     """xent_rows against xent_chunk: loss and gradient in each training dtype, ignored rows, rows narrower than one
-    block of the kernel and rows of several blocks (the last one partly past the end), logits far below zero, with
-    and without the gradient."""
+    block of the kernel and rows of several blocks (the last one partly past the end), logits far below zero, a
+    first block of masked (-inf) logits, with and without the gradient."""
     torch.manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for rows, vocab, scale in ((4, 1, 3), (5, 64, 3), (6, 1000, 3), (4, 5000, 3), (3, 9000, 3), (3, 50, -1e35)):
@@ -434,6 +434,13 @@ def check_xent_rows(device):
             assert torch.allclose(loss, ref_loss) and torch.allclose(grad.float(), ref_grad.float(), atol=4e-3)
             loss, grad = model_module.xent_rows(logits, targets, False)
             assert grad is None and torch.allclose(loss, ref_loss)
+        # row 0's first block (4096 logits at vocab 9000) all -inf: the running max must not start at -inf
+        logits = torch.randn(3, 9000, device=device).to(dtype)
+        logits[0, :4096] = float("-inf")
+        targets = torch.tensor([5000, -1, 7], device=device)
+        loss, grad = model_module.xent_rows(logits, targets, True)
+        ref_loss, ref_grad = model_module.xent_chunk(logits, targets, True)
+        assert torch.allclose(loss, ref_loss) and torch.allclose(grad.float(), ref_grad.float(), atol=4e-3)
 
 
 @pytest.mark.skipif(model_module.triton is None, reason="needs Triton (PyTorch's CUDA builds bring it)")
