@@ -166,51 +166,86 @@ def set_lr(optimizers, it):
 
 class GradBuffer:
     """Data parallel without a wrapper: every parameter's .grad is a view into one flat buffer per dtype, allocated
-    once, and one all_reduce per buffer sums the gradients of all processes.
+    once, and the buffers are summed over all processes bucket by bucket while the backward pass still runs.
 
-    Backward accumulates into the views in place, so after the micro-batches the whole gradient lies in the
-    buffers; the mean loss rides along in one extra float32 element, so every process logs the global mean and
-    sees the same non-finite verdict. One collective at the end of the backward pass (no bucketing, no hooks) is
-    what lets a CUDA graph capture the whole step, the all_reduce included; left after the backward pass, not
-    overlapped with it, it takes 0.24 ms of a 44 ms step on 2 H200s over NVLink (README.md, "Several GPUs").
+    The parameters lie in the buffers in reverse order, roughly the order backward produces their gradients, and
+    each bucket (a slice of about bucket_bytes) starts its all_reduce as soon as the last micro-batch's backward
+    has accumulated every gradient in it (a post-accumulate-grad hook), as DDP's reducer does; finish() waits for
+    them. Buckets start in the same order on every process, as collectives must. The mean loss rides along in one
+    extra element at the end of the float32 buffer, so every process logs the global mean and sees the same
+    non-finite verdict. Plain collectives on fixed buffers are what lets a CUDA graph capture the whole step, the
+    all_reduces included (NCCL's stream forks from the backward's and joins it again in finish()).
     """
 
+    bucket_bytes = 25 * 2 ** 20  # DDP's default: large enough to keep the link busy, small enough to start early
+
     def __init__(self, params, world_size):
-        params = list(params)
+        params = [p for p in params if p.requires_grad]
         self.world_size = world_size
         by_dtype = {torch.float32: []}
-        for p in params:
+        for p in reversed(params):
             by_dtype.setdefault(p.dtype, []).append(p)
-        self.buffers = []
+        self.buffers, self.buckets, bucket_of = [], [], {}
         for dtype, ps in by_dtype.items():
             extra = 1 if dtype == torch.float32 else 0
             flat = torch.zeros(sum(p.numel() for p in ps) + extra, dtype=dtype, device=params[0].device)
-            offset = 0
+            offset, start = 0, 0
             for p in ps:
+                if offset > start and (offset + p.numel() - start) * flat.element_size() > self.bucket_bytes:
+                    self.buckets.append(flat[start:offset])
+                    start = offset
                 p.grad = flat[offset:offset + p.numel()].view_as(p)
+                bucket_of[p] = len(self.buckets)
                 offset += p.numel()
             if extra:
                 self.loss = flat[offset]
+            if offset + extra > start:
+                self.buckets.append(flat[start:offset + extra])
             self.buffers.append(flat)
+        self.waiting = [0] * len(self.buckets)  # gradients each bucket still waits for
+        for p in params:
+            self.waiting[bucket_of[p]] += 1
+            p.register_post_accumulate_grad_hook(lambda p, b=bucket_of[p]: self._accumulated(b))
+        self.armed, self.left, self.started, self.works = False, [], 0, []
 
     def zero_(self):
         for flat in self.buffers:
             flat.zero_()
 
-    def all_reduce(self, loss):
-        """Sum the gradients (and loss, a 0-d float32 tensor, in place) over all processes."""
+    def arm(self, loss):
+        """Before the last micro-batch's backward: its gradients complete the buckets, which then start. loss: the
+        mean loss so far (a 0-d float32 tensor), summed along with the gradients."""
         self.loss.copy_(loss)
-        for flat in self.buffers:
-            dist.all_reduce(flat)
+        self.armed, self.left, self.started, self.works = True, list(self.waiting), 0, []
+
+    def _accumulated(self, bucket):
+        if not self.armed:
+            return
+        self.left[bucket] -= 1
+        while self.started < len(self.buckets) and self.left[self.started] == 0:
+            self._start()
+
+    def _start(self):
+        self.works.append(dist.all_reduce(self.buckets[self.started], async_op=True))
+        self.started += 1
+
+    def finish(self, loss):
+        """After the backward pass: wait for every bucket's sum (starting any that a gradient never reached), and
+        put the summed loss in loss."""
+        while self.started < len(self.buckets):
+            self._start()
+        for work in self.works:
+            work.wait()
+        self.armed, self.works = False, []
         loss.copy_(self.loss)
 
 
 def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, grads=None):
     """One optimizer step over the micro-batches x[i], y[i] (x, y: micro_steps x rows x seq_len, on the device).
 
-    Forward/backward per micro-batch (gradients summed; with a GradBuffer, into it, then summed over processes
-    with one all_reduce), clipping, the non-finite skip and the update. Its results go in place into the 0-d
-    device tensors of stats (loss: the mean loss over all processes; grad_norm; bad: this step was skipped;
+    Forward/backward per micro-batch (gradients summed; with a GradBuffer, into it, and summed over processes in
+    buckets during the last backward), clipping, the non-finite skip and the update. Its results go in place into
+    the 0-d device tensors of stats (loss: the mean loss over all processes; grad_norm; bad: this step was skipped;
     bad_steps: consecutive skipped steps; skipped: all of them), with no host sync, so the same code runs eagerly
     or inside a CUDA graph.
     """
@@ -224,10 +259,12 @@ def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, grads=Non
             model(x[i], y[i], return_logits=False)
             loss = model.last_loss / parts
             model.last_loss = model.last_loss.detach()  # keep no autograd graph alive past the step
-        scaler.scale(loss).backward()
         stats["loss"].add_(loss.detach().float())
+        if grads is not None and i == micro_steps - 1:
+            grads.arm(stats["loss"])  # this backward completes the gradients: their all_reduce starts during it
+        scaler.scale(loss).backward()
     if grads is not None:
-        grads.all_reduce(stats["loss"])
+        grads.finish(stats["loss"])
     for opt in optimizers:
         scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else 1e30)
@@ -437,8 +474,9 @@ def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, 
     line = ("step: one CUDA graph (captured after %d warm-up steps)" % Stepper.warmup_steps if capture
             else "step: plain (not captured: %s)" % "; ".join(why_not))
     if grads is not None:
-        line += (f"; gradients summed over {grads.world_size} processes by one all_reduce"
-                 + (" inside the graph" if capture else ""))
+        n = grads.world_size
+        line += (f"; gradients summed over {n} process{'es' if n > 1 else ''} in {len(grads.buckets)} all_reduce "
+                 "bucket(s) overlapped with the backward pass" + (", inside the graph" if capture else ""))
     if micro_steps != accum:
         line += (f"; {accum} micro-batches of {batch_size} merged into {micro_steps} of {rows} (same gradient, "
                  "fewer launches)")
