@@ -270,7 +270,8 @@ def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, grads=Non
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else 1e30)
     bad = ~torch.isfinite(stats["loss"]) | ~torch.isfinite(grad_norm)
     if scaler.is_enabled():
-        # float16: the scaler skips steps whose gradients overflowed (and lowers its scale)
+        # float16: the scaler skips steps whose gradients overflowed and lowers its scale, on the device: fused
+        # AdamW and our Muon take its found_inf (_step_supports_amp_scaling), so it reads nothing on the host
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()
@@ -411,7 +412,7 @@ class Results:
     launched the next step (on an H200 at stories15M's shape, 3-7 ms at every log iteration, in a 43 ms step).
     So with a captured step (deferred), take() copies them to pinned memory without waiting, and the loop reads
     the copy once it has launched the next step, which runs meanwhile. Elsewhere the host waits for each step
-    anyway (the CPU; float16's GradScaler) or launches kernels one by one: the copy is read at once. The loop
+    anyway (the CPU) or launches kernels one by one: the copy is read at once. The loop
     times its log lines by when it reads them, which is when the step ended in both cases.
     Under torchrun a log iteration's copy also carries the stop flag summed over the processes: every process
     reads the same sum after the same iteration, so all of them stop at the same one.
@@ -464,15 +465,15 @@ def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, 
     device_type = torch.device(device).type
     fast = fast and device_type == "cuda"
     micro_steps, rows = plan_micro_batches(accum, batch_size, seq_len, model.args, device, merge=fast)
-    if not fast:
-        why_not = ["cuda_graph=False" if device_type == "cuda" else f"CUDA graphs need CUDA, not {device_type}"]
+    if fast:
+        why_not = None
     else:
-        why_not = ["float16's GradScaler checks for overflow on the host"] if scaler.is_enabled() else []
-    capture = not why_not
+        why_not = "cuda_graph=False" if device_type == "cuda" else f"CUDA graphs need CUDA, not {device_type}"
+    capture = why_not is None
     ctx = autocast_ctx(device, dtype_name, cache=not capture)
     stepper = Stepper(model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, grads, capture)
     line = ("step: one CUDA graph (captured after %d warm-up steps)" % Stepper.warmup_steps if capture
-            else "step: plain (not captured: %s)" % "; ".join(why_not))
+            else "step: plain (not captured: %s)" % why_not)
     if grads is not None:
         n = grads.world_size
         line += (f"; gradients summed over {n} process{'es' if n > 1 else ''} in {len(grads.buckets)} all_reduce "
