@@ -618,11 +618,8 @@ class Muon(torch.optim.Optimizer):
     - matrices of the same shape are orthogonalised together, one batched matmul per shape.
     - like fused AdamW, step() honours `found_inf` (a 0-d tensor set by the caller): when it is > 0 the step
       changes nothing, decided on the device with no host sync. lr may also be a 0-d device tensor. Both make
-      the step capturable in a CUDA graph (all state exists after the first step). So GradScaler.step hands it
-      found_inf (and grad_scale, if the gradients are still scaled) rather than reading found_inf on the host.
+      the step capturable in a CUDA graph (all state exists after the first step).
     """
-
-    _step_supports_amp_scaling = True  # GradScaler.step: set found_inf/grad_scale, no host check
 
     def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -644,8 +641,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "Muon takes no closure"
-        skip = getattr(self, "found_inf", None)  # set by the caller, as for fused AdamW
-        grad_scale = getattr(self, "grad_scale", None)  # GradScaler.step without unscale_: gradients x grad_scale
+        skip = getattr(self, "found_inf", None)  # set by the caller, as for fused AdamW (grad_scale: not needed)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -671,8 +667,6 @@ class Muon(torch.optim.Optimizer):
                     return [t.mT if flip else t for t, flip in zip(ts, tall)]
 
                 grads = torch.stack(wide([p.grad for p in ps]))
-                if grad_scale is not None:
-                    grads /= grad_scale
                 if skip is not None:  # a non-finite gradient must not reach the momentum, even times zero
                     grads = torch.where(skip > 0, 0.0, grads)
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]

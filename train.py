@@ -211,6 +211,7 @@ class GradBuffer:
     def zero_(self):
         for flat in self.buffers:
             flat.zero_()
+        self.armed = False  # (a step that raised between arm() and finish() left it set)
 
     def arm(self, loss):
         """Before the last micro-batch's backward: its gradients complete the buckets, which then start. loss: the
@@ -269,18 +270,14 @@ def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, grads=Non
         scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else 1e30)
     bad = ~torch.isfinite(stats["loss"]) | ~torch.isfinite(grad_norm)
+    # fused AdamW and our Muon skip the update on the device when found_inf is set: no host sync, and every
+    # optimizer skips together (GradScaler.step would skip each one on its own gradients' overflow only)
+    for opt in optimizers:
+        opt.grad_scale, opt.found_inf = None, bad.float()
+        opt.step()
+        del opt.grad_scale, opt.found_inf
     if scaler.is_enabled():
-        # float16: the scaler skips steps whose gradients overflowed and lowers its scale, on the device: fused
-        # AdamW and our Muon take its found_inf (_step_supports_amp_scaling), so it reads nothing on the host
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-    else:
-        # fused AdamW and our Muon skip the update on the device when found_inf is set: no host sync needed
-        for opt in optimizers:
-            opt.grad_scale, opt.found_inf = None, bad.float()
-            opt.step()
-            del opt.grad_scale, opt.found_inf
+        scaler.update()  # float16: halve the scale after an overflow (found by unscale_ above), on the device
     if grads is None:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)

@@ -173,6 +173,35 @@ def test_train_step_over_micro_batches_equals_one_merged_batch(monkeypatch, opti
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_float16_overflow_in_one_optimizer_skips_every_optimizer(monkeypatch):
+    """float16's GradScaler: an overflow in one Muon matrix's gradient skips the whole step (AdamW's tensors too,
+    which GradScaler.step would have stepped on their own finite gradients) and halves the scale."""
+    monkeypatch.setattr(train_module, "optimizer", "muon")
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 64, (2, 1, 8, 16), generator=gen)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+    optimizers = train_module.build_optimizers(model, "cpu")
+    stats = {k: torch.zeros(()) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    ctx = train_module.autocast_ctx("cpu", "float32")
+
+    def overflow(g):
+        g = g.clone()
+        g[0, 0] = float("inf")
+        return g
+
+    handle = model.layers[0].feed_forward.w1.weight.register_hook(overflow)  # a Muon matrix
+    before = [p.detach().clone() for p in model.parameters()]
+    train_module.train_step(model, optimizers, scaler, x, y, stats, ctx, 1.0)
+    assert stats["bad"].item() == 1 and scaler.get_scale() == 512.0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    handle.remove()
+    train_module.train_step(model, optimizers, scaler, x, y, stats, ctx, 1.0)  # a good step moves every tensor
+    assert stats["bad"].item() == 0 and scaler.get_scale() == 512.0
+    assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_exact_resume_after_sigkill(data_dir, tmp_path):
     args = dict(max_iters=120, eval_interval=40, log_interval=1, batch_size=16, dropout=0.1)
     straight = tmp_path / "straight"
@@ -547,9 +576,14 @@ def test_grad_buffer_sums_each_bucket_while_the_backward_pass_runs(monkeypatch):
     import torch.distributed as dist
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 64, (2, 2, 2, 4, 16), generator=gen)  # 2 steps of 2 micro-batches
-    events = []
+    events, at_start = [], []
     all_reduce = dist.all_reduce
-    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: events.append(t.data_ptr()) or all_reduce(t, **kw))
+
+    def spy(t, **kw):  # one process: the sum changes nothing, so a bucket must be complete when it starts
+        events.append(t.data_ptr())
+        at_start.append(t.clone())
+        return all_reduce(t, **kw)
+    monkeypatch.setattr(dist, "all_reduce", spy)
     monkeypatch.setattr(train_module.GradBuffer, "bucket_bytes", 8192)
 
     def step(buffered):
@@ -564,6 +598,7 @@ def test_grad_buffer_sums_each_bucket_while_the_backward_pass_runs(monkeypatch):
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for i in range(2):
             events.clear()
+            at_start.clear()
             train_module.train_step(model, optimizers, scaler, x[i], y[i], stats,
                                     train_module.autocast_ctx("cpu", "float32"), 1.0, grads)
         return stats, [p.detach().clone() for p in model.parameters()], grads
@@ -580,6 +615,7 @@ def test_grad_buffer_sums_each_bucket_while_the_backward_pass_runs(monkeypatch):
     # (the embedding's own, which the LM head shares, last) once per step, all but the last before it
     assert [e for e in events if e != "embedding"] == buckets
     assert events.index("embedding", 1) > events.index(buckets[-2])
+    assert all(torch.equal(started, bucket) for started, bucket in zip(at_start, grads.buckets))
     for k in plain:
         assert torch.equal(plain[k], summed[k]), k
     for a, b in zip(plain_weights, weights):
