@@ -622,6 +622,45 @@ def test_grad_buffer_sums_each_bucket_while_the_backward_pass_runs(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_two_processes_sum_many_buckets_as_one(tmp_path):
+    """GradBuffer across 2 gloo processes: gradients in many small buckets, each started during the backward pass,
+    take the same steps, bitwise, as in one bucket started after it (a sum of two numbers has one order)."""
+    script = tmp_path / "buckets.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch, torch._dynamo, torch.distributed as dist
+import train
+from model import ModelArgs, Transformer
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+gen = torch.Generator().manual_seed(0)
+x, y = torch.randint(0, 64, (2, 2, 3, 2, 4, 16), generator=gen)  # per process, 3 steps of 2 micro-batches
+weights = {{}}
+for bucket_bytes in (4096, 2 ** 30):
+    train.GradBuffer.bucket_bytes = bucket_bytes
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+    optimizers = train.build_optimizers(model, "cpu")
+    grads = train.GradBuffer(model.parameters(), 2)
+    stats = {{k: torch.zeros(()) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for i in range(3):
+        train.train_step(model, optimizers, scaler, x[rank, i], y[rank, i], stats,
+                         train.autocast_ctx("cpu", "float32"), 1.0, grads)
+    weights[bucket_bytes] = ([p.detach().clone() for p in model.parameters()], len(grads.buckets))
+(many, n), (one, m) = weights[4096], weights[2 ** 30]
+assert n > 4 and m == 1, (n, m)
+assert all(torch.equal(a, b) for a, b in zip(many, one))
+print(f"rank {{rank}}: {{n}} buckets = 1 bucket")
+dist.destroy_process_group()
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rank 0:" in r.stdout and "rank 1:" in r.stdout and "buckets = 1 bucket" in r.stdout
+
+
 def test_torchrun_frees_the_process_group_before_python_exits(data_dir, tmp_path):
     """train.py under torchrun, as its __main__ runs, with destroy_process_group watched: once train() returns,
     nothing may hold the process group. A group that outlives it keeps gloo's threads running into Python's
