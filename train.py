@@ -241,6 +241,14 @@ class GradBuffer:
         loss.copy_(self.loss)
 
 
+STATS = ("loss", "grad_norm", "bad", "bad_steps", "skipped")  # train_step's results, in this order
+
+
+def new_stats(device):
+    """The 0-d tensors, on the device, that train_step writes its results into (STATS)."""
+    return {k: torch.zeros((), device=device) for k in STATS}
+
+
 def train_step(model, optimizers, scaler, x, y, stats, ctx, grad_clip, grads=None):
     """One optimizer step over the micro-batches x[i], y[i] (x, y: micro_steps x rows x seq_len, on the device).
 
@@ -326,7 +334,7 @@ class Stepper:
         self.grad_clip, self.grads, self.capture = grad_clip, grads, capture
         self.x = torch.zeros((micro_steps, rows, seq_len), dtype=torch.long, device=device)
         self.y = torch.zeros_like(self.x)
-        self.stats = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
+        self.stats = new_stats(device)
         self.pin = torch.device(device).type == "cuda"
         self.graph, self.steps, self.odd = None, 0, None
         self.pending = [] if grads is not None and self.pin else None  # CUDA events: the ends of steps not waited for
@@ -415,8 +423,6 @@ class Results:
     reads the same sum after the same iteration, so all of them stop at the same one.
     """
 
-    names = ("loss", "grad_norm", "bad", "bad_steps", "skipped")
-
     def __init__(self, stepper, deferred, ddp, timeout):
         self.stepper, self.deferred, self.ddp, self.timeout = stepper, deferred, ddp, timeout
         # (iter_num, logging, lr, the copy, the CUDA event after it or None, the steps launched by then)
@@ -425,7 +431,7 @@ class Results:
     def take(self, iter_num, logging, lr, stop_requested):
         """Copy the results of the step that ended at iteration iter_num, taken at learning rate lr (and at a log
         iteration under torchrun, this process's stop request summed over all of them)."""
-        values = [self.stepper.stats[k] for k in self.names]
+        values = [self.stepper.stats[k] for k in STATS]
         if self.ddp and logging:
             # (torch.full, not torch.tensor: a copy from pageable host memory would wait for the step on the device)
             flag = torch.full((), float(stop_requested), device=values[0].device)
@@ -449,7 +455,7 @@ class Results:
                 self.stepper.wait(self.timeout, event)
                 event.synchronize()
             v = values.tolist()
-            out.append((iter_num, logging, dict(zip(self.names, v), lr=lr), len(v) > len(self.names) and v[-1] > 0))
+            out.append((iter_num, logging, dict(zip(STATS, v), lr=lr), len(v) > len(STATS) and v[-1] > 0))
         del self.taken[:n]
         return out
 

@@ -159,7 +159,7 @@ def test_train_step_over_micro_batches_equals_one_merged_batch(monkeypatch, opti
         torch.manual_seed(0)
         model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
         optimizers = train_module.build_optimizers(model, "cpu")
-        stats = {k: torch.zeros(()) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
+        stats = train_module.new_stats("cpu")
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         train_module.train_step(model, optimizers, scaler, x.view(micro_steps, -1, 16), y.view(micro_steps, -1, 16),
                                 stats, train_module.autocast_ctx("cpu", "float32"), 1.0)
@@ -182,7 +182,7 @@ def test_float16_overflow_in_one_optimizer_skips_every_optimizer(monkeypatch):
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
     optimizers = train_module.build_optimizers(model, "cpu")
-    stats = {k: torch.zeros(()) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
+    stats = train_module.new_stats("cpu")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     ctx = train_module.autocast_ctx("cpu", "float32")
 
@@ -594,7 +594,7 @@ def test_grad_buffer_sums_each_bucket_while_the_backward_pass_runs(monkeypatch):
         def note_embedding(module, inputs, out):  # when the backward pass reaches the embedding
             out.register_hook(lambda g: events.append("embedding"))
         model.tok_embeddings.register_forward_hook(note_embedding)
-        stats = {k: torch.zeros(()) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}
+        stats = train_module.new_stats("cpu")
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for i in range(2):
             events.clear()
@@ -643,7 +643,7 @@ for bucket_bytes in (4096, 2 ** 30):
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
     optimizers = train.build_optimizers(model, "cpu")
     grads = train.GradBuffer(model.parameters(), 2)
-    stats = {{k: torch.zeros(()) for k in ("loss", "grad_norm", "bad", "bad_steps", "skipped")}}
+    stats = train.new_stats("cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for i in range(3):
         train.train_step(model, optimizers, scaler, x[rank, i], y[rank, i], stats,
