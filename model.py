@@ -250,6 +250,14 @@ class Transformer(nn.Module):
         steps took as long (13.9 ms).
         """
         options = {"triton.autotune_pointwise": False}
+        if torch.torch_version.TorchVersion(torch.__version__) < "2.13":
+            # Before 2.13 PyTorch's on-disk AOTAutograd cache tells runs apart by whether autocast is on, not by
+            # its dtype (fixed by pytorch/pytorch#181564): a bfloat16 run after a float16 one (or the reverse)
+            # loaded the other's compiled blocks and silently trained in the wrong precision (H200, torch 2.11:
+            # stories15M's loss stalled at 7.05 where it reaches 6.05). Off; inductor's own cache, keyed on the
+            # graph with its casts, still spares a warm start the code generation.
+            from torch._functorch import config as aot_autograd_config
+            aot_autograd_config.enable_autograd_cache = False
         for layer in self.layers:
             layer.compile(dynamic=False, options=options)
         self.norm.compile(dynamic=False, options=options)  # left eager: several float32 ops, 1-2.5% of a step

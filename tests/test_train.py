@@ -945,3 +945,21 @@ def test_resume_keeps_the_precision_auto_chose(data_dir, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["precision"] == {"device_type": "cpu", "dtype": "bfloat16"}
     assert "dtype bfloat16 (auto: as the checkpoint was trained)" in run_with(False, max_iters=20, eval_interval=10)
     assert "dtype float32" in run_with(False, max_iters=20, eval_interval=10, init_from="scratch")
+
+
+def test_compiled_blocks_keep_their_dtype_from_run_to_run(data_dir, tmp_path):
+    """Compiled blocks come back from the on-disk caches on the next run; a bfloat16 run after a float16 one on
+    the same caches takes bitwise the steps of a bfloat16 run that compiles afresh (before 2.13, PyTorch's
+    AOTAutograd cache would hand it the float16 blocks: model.compile_regions turns that cache off there)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = dict(device=device, compile=True, max_iters=4, eval_interval=4, eval_iters=1, log_interval=1)
+
+    def losses(name, dtype, cache):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / cache))
+        r = run(["train.py", *settings(data_dir, tmp_path / name, dtype=dtype, **common)], ROOT, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return [m["loss"] for m in metrics(tmp_path / name) if "loss" in m]
+
+    other = losses("float16", "float16", "shared")
+    after, fresh = losses("after", "bfloat16", "shared"), losses("fresh", "bfloat16", "fresh")
+    assert after == fresh and after != other
