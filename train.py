@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 PROCESS_START = time.time()  # before torch is imported: the banner reports the seconds to the first step
 
@@ -809,27 +810,34 @@ def move_old_run_aside():
     return dest
 
 
-def train():
-    global max_iters  # a wall-clock budget (max_train_seconds) fixes it once the first steps are timed
-    check_settings()
-    config = {k: globals()[k] for k in settings_of(globals())}
+# -----------------------------------------------------------------------------
+# the run's pieces: processes, resuming, evaluation, checkpoints, metrics and the log
 
-    # ---- processes, device, precision
+class Processes(NamedTuple):
+    """Where this process runs: its rank among world_size processes under torchrun (else 0 of 1), and its device."""
+    ddp: bool
+    rank: int
+    world_size: int
+    dev: str
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def start_processes():
+    """This process's rank and device; under torchrun also the process group (with a bounded timeout), and stdout
+    for rank 0 only."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     else:
         rank, local_rank, world_size = 0, 0, 1
-    master = rank == 0
     dev = pick_device(device)
     if ddp and dev.startswith("cuda"):
         dev = f"cuda:{local_rank}"
     if dev.startswith("cuda:"):
         torch.cuda.set_device(dev)  # streams, CUDA graphs and Triton kernels run on the current device
-    device_type = dev.split(":")[0]
-    dtype_name = pick_dtype(dtype, dev, training=True)
-    dtype_why = (" (auto: this CPU multiplies bfloat16 fast; --dtype=float32 to train in float32)"
-                 if device_type == "cpu" and dtype == "auto" and dtype_name == "bfloat16" else "")
     if gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of "
              f"processes ({world_size}); e.g. --gradient_accumulation_steps="
@@ -840,17 +848,246 @@ def train():
         # process group alive past destroy_process_group, and gloo's threads would then free its last tensors
         # while Python shuts down (an abort, exit code -6, in about 1 of 20 runs that had trained to the end).
         # Imported first, those defaults are None. (importlib: an import statement here would make torch a local
-        # name of train(), unbound on the single-process path)
+        # name of this function)
         importlib.import_module("torch._dynamo")
         # a bounded wait: a collective that a dead or stuck process never joins fails after ddp_timeout seconds
         # (NCCL's watchdog then ends the process) instead of NCCL's or gloo's default of 10-30 minutes
         timeout = datetime.timedelta(seconds=ddp_timeout)
-        if device_type == "cuda":
+        if dev.startswith("cuda"):
             dist.init_process_group(backend="nccl", device_id=torch.device(dev), timeout=timeout)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
-        if not master:  # one copy of every message: rank 0's (errors and warnings still go to stderr)
+        if rank != 0:  # one copy of every message: rank 0's (errors and warnings still go to stderr)
             sys.stdout = open(os.devnull, "w")
+    return Processes(ddp, rank, world_size, dev)
+
+
+def batch_stream(split, tokenizer, on, state=None, stream_seed=None):
+    """Task.iter_batches with this run's settings: batches of split's token windows, on device on."""
+    return Task.iter_batches(split=split, batch_size=batch_size, max_seq_len=max_seq_len, vocab_size=vocab_size,
+                             device=on, data_dir=data_dir, seed=seed if stream_seed is None else stream_seed,
+                             state=state, tokenizer_sha256=tokenizer.sha256)
+
+
+def check_resumable(ckpt, path, model_args, tokenizer):
+    """A one-line error when the checkpoint cannot continue under these settings (another shape or tokenizer)."""
+    differs = {k: (v, getattr(model_args, k)) for k, v in ckpt["model_args"].items()
+               if getattr(model_args, k, None) != v}
+    if differs:
+        detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differs.items())
+        raise SystemExit(f"error: {path} was trained with another model shape ({detail}); resume with "
+                         f"the settings it was trained with, or {FRESH_START_CHOICES}")
+    if bytes(ckpt["tokenizer"]) != tokenizer.model_bytes:
+        raise SystemExit(f"error: {path} was trained with another tokenizer than {tokenizer.path} (same "
+                         f"vocab_size, different pieces); resume with the data it was trained on, or "
+                         f"{FRESH_START_CHOICES}")
+
+
+def restore(ckpt, path, optimizers, scaler, procs):
+    """Continue where the checkpoint left off: the optimizers' and scaler's state, the random generators (one
+    process), and (iter_num, best_val_loss, this process's place in the data, max_iters as a budget fixed it)."""
+    global max_iters
+    load_optimizer_states(optimizers, ckpt["optimizer"], path)
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    iter_num, best_val_loss, budget_iters = ckpt["iter_num"], ckpt["best_val_loss"], None
+    if max_train_seconds > 0 and ckpt.get("budget_max_iters"):
+        max_iters = min(max_iters, ckpt["budget_max_iters"])  # the same schedule as before the stop
+        budget_iters = max_iters
+    saved = ckpt["data_state"]
+    # with another number of processes every rank continues from rank 0's place in the epoch (the batch stream
+    # rescales it and says so)
+    data_state = saved["ranks"][procs.rank] if saved["world_size"] == procs.world_size else saved["ranks"][0]
+    if procs.world_size == saved["world_size"] == 1:
+        set_rng_state(ckpt["rng"])  # exact continuation (dropout masks included)
+    if procs.master:
+        print(f"resuming from {path} at iteration {iter_num}")
+        if iter_num >= max_iters and not eval_only:
+            print(f"note: {path} is already at iteration {iter_num} and max_iters is {max_iters}: nothing to train. "
+                  f"Raise --max_iters to train further, e.g. --max_iters={2 * iter_num}", file=sys.stderr)
+    return iter_num, best_val_loss, data_state, budget_iters
+
+
+def note_eval_windows(tokenizer, procs):
+    """A note when an evaluation would read some windows of a split more than once."""
+    for split in ("train", "val"):
+        windows, wanted = batch_stream(split, tokenizer, procs.dev).windows_per_epoch, eval_iters * batch_size
+        if wanted > windows:
+            print(f"note: an evaluation reads eval_iters x batch_size = {wanted} windows of {max_seq_len + 1} "
+                  f"tokens, but the {split} split holds only {windows}" + (" per process" if procs.ddp else "") +
+                  f": some are counted more than once. --eval_iters={max(1, windows // batch_size)} reads each at "
+                  "most once", file=sys.stderr)
+
+
+def compile_model(model, dev):
+    """Regional compilation (model.compile_regions) when compile is on (None: on CUDA only); whether it is."""
+    if not (compile if compile is not None else dev.startswith("cuda")):
+        return False
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2, device=dev))  # fails fast without a working toolchain
+        model.compile_regions()
+    except Exception as e:
+        print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running without it")
+        return False
+    return True
+
+
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")
+def evaluate(model, tokenizer, ctx, procs):
+    """Mean loss on eval_iters batches of each split (the same batches every time), over all processes.
+
+    Uncompiled: a forward pass without gradients is another graph for torch.compile; compiling it cost 5.5 s of a
+    cold start on an H200 (seed shape), for evaluations that take well under a second each eager."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        stream = batch_stream(split, tokenizer, procs.dev, stream_seed=seed + 1)
+        total = torch.zeros((), device=procs.dev)
+        for _ in range(eval_iters):
+            x, y = next(stream)
+            with ctx:
+                model(x, y, return_logits=False)
+            total += model.last_loss.float()
+        if procs.ddp:
+            dist.all_reduce(total)
+        out[split] = total.item() / (eval_iters * procs.world_size)
+    model.train()
+    return out
+
+
+class Checkpoints:
+    """Writes ckpt.pt (and best.pt): the model, the optimizers and everything a bitwise resume needs. What is fixed
+    for the run is given once; the state that changes as training goes is passed to write()."""
+
+    def __init__(self, model, model_args, optimizers, scaler, tokenizer, config, procs, precision):
+        self.model, self.model_args, self.optimizers, self.scaler = model, model_args, optimizers, scaler
+        self.tokenizer, self.config, self.procs, self.precision = tokenizer, config, procs, precision
+
+    def write(self, paths, iter_num, best_val_loss, budget_iters, data_state):
+        """The state at iteration iter_num, to each of paths (built and gathered once); data_state: this process's
+        place in the training stream (every process's is gathered)."""
+        states = [data_state]
+        if self.procs.ddp:
+            states = [None] * self.procs.world_size
+            dist.all_gather_object(states, data_state)
+        if not self.procs.master:
+            return
+        ckpt = checkpoint_dict(self.model, self.model_args, optimizer=[optimizer_state(o) for o in self.optimizers],
+                               scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                               iter_num=iter_num, best_val_loss=best_val_loss, config=self.config, rng=rng_state(),
+                               data_state={"world_size": self.procs.world_size, "ranks": states},
+                               tokenizer=self.tokenizer.model_bytes, budget_max_iters=budget_iters,
+                               precision=self.precision)
+        for path in paths:
+            save_checkpoint(ckpt, path)
+
+
+class Metrics:
+    """out_dir/metrics.jsonl (and wandb when on): one JSON record per log line and per evaluation, written by rank
+    0. history: the records so far, a resumed run's earlier ones included (for the plot and the summary)."""
+
+    def __init__(self, resuming, resume_iter, config):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.history = metrics_history(self.path, resume_iter) if resuming else []
+        try:
+            if not resuming:
+                move_old_run_aside()  # nothing of an earlier run is lost or mixed into this one
+            # a resumed run drops what a cut-off run logged after its last checkpoint
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
+        except OSError as e:
+            raise SystemExit(f"error: cannot write in {out_dir} ({e.strerror or e}); free some disk space or fix "
+                             "the folder, then run the same command again") from None
+        self.wandb = None
+        if wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
+            self.wandb = wandb
+
+    def record(self, entry):
+        self.history.append(entry)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(entry, step=entry["iter"])
+
+
+class LogLines:
+    """The log line of each log iteration: loss, lr, gradient norm, ms per iteration since the last line, tokens/s,
+    MFU and the time left. Lines are timed by when the loop reads the step's results, which is when the step ended;
+    evaluations and checkpoints do not count (pause()). metrics: rank 0's Metrics, None on the other ranks."""
+
+    def __init__(self, model, tokens_per_iter, rows_per_iter, resume_iter, metrics):
+        self.model, self.tokens_per_iter, self.rows_per_iter = model, tokens_per_iter, rows_per_iter
+        self.resume_iter, self.metrics = resume_iter, metrics
+        self.t_last, self.logged_at, self.ms_per_iter = time.time(), resume_iter, None  # logged_at: the last line's
+
+    def pause(self, seconds):
+        self.t_last += seconds
+
+    def line(self, it, r):
+        """Iteration it's results r (STATS and lr)."""
+        elapsed = time.time() - self.t_last
+        self.t_last, ms = time.time(), elapsed / (it - self.logged_at) * 1000
+        self.logged_at = it
+        first_estimate = self.ms_per_iter is None
+        if it - self.resume_iter > 2:  # skip the first steps (compile, allocator warm-up) in the averages
+            self.ms_per_iter = ms if self.ms_per_iter is None else 0.9 * self.ms_per_iter + 0.1 * ms
+        if self.metrics is None:
+            return
+        if first_estimate and self.ms_per_iter is not None:
+            print(f"estimated training time: {(max_iters - it) * self.ms_per_iter / 60000:.1f} min for the "
+                  f"remaining {max_iters - it} iterations at {self.ms_per_iter:.0f} ms each (plus evaluations)")
+        mfu = self.model.estimate_mfu(self.rows_per_iter, ms / 1000, peak_flops or None)
+        lr, tok_per_s, n_skipped = r["lr"], self.tokens_per_iter / ms * 1000, int(r["skipped"])
+        eta = (max_iters - it) * (self.ms_per_iter or ms) / 1000
+        print(f"iter {it}/{max_iters} | loss {r['loss']:.4f} | lr {lr:.2e} | norm {r['grad_norm']:.2f} | "
+              f"{ms:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | mfu {mfu * 100:.1f}%" if not math.isnan(mfu) else "")
+              + (f" | {n_skipped} non-finite steps skipped" if n_skipped else "") + f" | eta {eta / 60:.1f} min",
+              flush=True)
+        self.metrics.record({"iter": it, "tokens": it * self.tokens_per_iter, "loss": r["loss"], "lr": lr,
+                             "grad_norm": r["grad_norm"], "ms": ms, "tok_per_s": tok_per_s,
+                             "mfu": None if math.isnan(mfu) else mfu, "skipped": n_skipped})
+
+
+def stop_if_diverging(it, r, saved_iter, ckpt_path):
+    """max_bad_steps consecutive non-finite steps (r: iteration it's results): stop with a one-line error."""
+    if r["bad_steps"] < max_bad_steps:
+        return
+    held = (f"{ckpt_path} holds iteration {saved_iter} (skipped steps change no weights)" if saved_iter is not None
+            else f"no checkpoint was written (the first was due at iteration {eval_interval})")
+    raise SystemExit(f"error: {int(r['bad_steps'])} consecutive steps with a non-finite loss or gradient at iteration "
+                     f"{it} ({int(r['skipped'])} skipped in all); {held}. Lower learning_rate, or use dtype=bfloat16 "
+                     "instead of float16")
+
+
+def print_summary(history, iter_num, ckpt_path, metrics_path):
+    evals = [r for r in history if "val_bpb" in r]
+    best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+    print(f"done: {iter_num} iterations" + (f"; best val loss {best['val_loss']:.4f} ({best['val_bpb']:.4f} "
+                                             f"bits/byte) at iteration {best['iter']}" if best else ""))
+    best_path, plot_path = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "loss.png")
+    if os.path.exists(ckpt_path):
+        print(f"checkpoint: {ckpt_path}" + (f" (lowest val loss: {best_path})" if os.path.exists(best_path) else "")
+              + f"; metrics: {metrics_path}" + (f"; plot: {plot_path}" if os.path.exists(plot_path) else ""))
+        print(f"next: python sample.py --ckpt {ckpt_path}")
+
+
+# -----------------------------------------------------------------------------
+# the run: set up, then data -> step -> log until max_iters, with evaluations and checkpoints on the way
+
+def train():
+    global max_iters  # a wall-clock budget (max_train_seconds) fixes it once the first steps are timed
+    check_settings()
+    config = {k: globals()[k] for k in settings_of(globals())}
+
+    # ---- processes, device, precision, out_dir
+    procs = start_processes()
+    ddp, master, dev, world_size = procs.ddp, procs.master, procs.dev, procs.world_size
+    device_type = dev.split(":")[0]
+    dtype_name = pick_dtype(dtype, dev, training=True)
+    dtype_why = (" (auto: this CPU multiplies bfloat16 fast; --dtype=float32 to train in float32)"
+                 if device_type == "cpu" and dtype == "auto" and dtype_name == "bfloat16" else "")
     accum = gradient_accumulation_steps // world_size
     tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -858,7 +1095,7 @@ def train():
         raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=auto or scratch")
     if master:
         claim_out_dir()  # before any work: a second run on this out_dir stops here
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(seed + procs.rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -871,76 +1108,28 @@ def train():
     meta = load_meta(data_dir, vocab_size)
     tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
 
-    def batches(split, state=None, stream_seed=seed, on=dev):
-        return Task.iter_batches(split=split, batch_size=batch_size, max_seq_len=max_seq_len,
-                                 vocab_size=vocab_size, device=on, data_dir=data_dir, seed=stream_seed,
-                                 state=state, tokenizer_sha256=tokenizer.sha256)
-
     # ---- model and optimizer, fresh or from out_dir/ckpt.pt
     model_args = model_args_from_settings()
     resuming = init_from == "resume" or (init_from == "auto" and os.path.exists(ckpt_path))
     ckpt = load_checkpoint(ckpt_path) if resuming else None  # on the CPU; load_state_dict moves to the device
     if ckpt is not None:
-        differs = {k: (v, getattr(model_args, k)) for k, v in ckpt["model_args"].items()
-                   if getattr(model_args, k, None) != v}
-        if differs:
-            detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differs.items())
-            raise SystemExit(f"error: {ckpt_path} was trained with another model shape ({detail}); resume with "
-                             f"the settings it was trained with, or {FRESH_START_CHOICES}")
-        if bytes(ckpt["tokenizer"]) != tokenizer.model_bytes:
-            raise SystemExit(f"error: {ckpt_path} was trained with another tokenizer than {tokenizer.path} (same "
-                             f"vocab_size, different pieces); resume with the data it was trained on, or "
-                             f"{FRESH_START_CHOICES}")
-    if ckpt is not None and dtype == "auto" and ckpt.get("precision", {}).get("device_type") == device_type:
-        dtype_name = ckpt["precision"]["dtype"]  # what "auto" chose then (on a CPU a measurement), for a bitwise resume
-        dtype_why = " (auto: as the checkpoint was trained)"
+        check_resumable(ckpt, ckpt_path, model_args, tokenizer)
+        if dtype == "auto" and ckpt.get("precision", {}).get("device_type") == device_type:
+            dtype_name = ckpt["precision"]["dtype"]  # what "auto" chose then (on a CPU a measurement): bitwise resume
+            dtype_why = " (auto: as the checkpoint was trained)"
     model = Transformer.from_checkpoint(ckpt, ckpt_path) if ckpt is not None else Transformer(model_args)
     model.to(dev)
     optimizers = build_optimizers(model, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
-    iter_num, best_val_loss, data_state = 0, float("inf"), None
-    budget_iters = None  # max_iters as the budget fixed it (None: no budget, or not fixed yet)
-    if ckpt is not None:
-        load_optimizer_states(optimizers, ckpt["optimizer"], ckpt_path)
-        if ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        if max_train_seconds > 0 and ckpt.get("budget_max_iters"):
-            max_iters = min(max_iters, ckpt["budget_max_iters"])  # the same schedule as before the stop
-            budget_iters = max_iters
-        saved = ckpt["data_state"]
-        # with another number of processes every rank continues from rank 0's place in the epoch (the batch
-        # stream rescales it and says so)
-        data_state = saved["ranks"][rank] if saved["world_size"] == world_size else saved["ranks"][0]
-        if world_size == saved["world_size"] == 1:
-            set_rng_state(ckpt["rng"])  # exact continuation (dropout masks included)
-        if master:
-            print(f"resuming from {ckpt_path} at iteration {iter_num}")
-            if iter_num >= max_iters and not eval_only:
-                print(f"note: {ckpt_path} is already at iteration {iter_num} and max_iters is {max_iters}: nothing "
-                      f"to train. Raise --max_iters to train further, e.g. --max_iters={2 * iter_num}",
-                      file=sys.stderr)
+    iter_num, best_val_loss, data_state, budget_iters = (restore(ckpt, ckpt_path, optimizers, scaler, procs)
+                                                         if ckpt is not None else (0, float("inf"), None, None))
     del ckpt
     resume_iter = iter_num
-    resumed_at = iter_num if resuming else None
     if master:
-        for split in ("train", "val"):  # evaluation reads eval_iters batches of each split
-            windows, wanted = batches(split).windows_per_epoch, eval_iters * batch_size
-            if wanted > windows:
-                print(f"note: an evaluation reads eval_iters x batch_size = {wanted} windows of {max_seq_len + 1} "
-                      f"tokens, but the {split} split holds only {windows}" + (" per process" if ddp else "") +
-                      f": some are counted more than once. --eval_iters={max(1, windows // batch_size)} reads each "
-                      "at most once", file=sys.stderr)
+        note_eval_windows(tokenizer, procs)
 
-    use_compile = compile if compile is not None else device_type == "cuda"
-    if use_compile:
-        try:
-            torch.compile(lambda x: x * 2)(torch.ones(2, device=dev))  # fails fast without a working toolchain
-            model.compile_regions()
-        except Exception as e:
-            use_compile = False
-            print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                  "running without it")
+    # ---- the step: compiled blocks, gradients summed over the processes, the Stepper
+    use_compile = compile_model(model, dev)
     grads = None
     if ddp:
         # data parallel: every process starts from rank 0's weights (each drew its own with seed + rank) and takes
@@ -952,76 +1141,12 @@ def train():
     ctx = autocast_ctx(dev, dtype_name)  # evaluation's
     stepper, step_line = make_stepper(model, optimizers, scaler, accum, batch_size, max_seq_len, dev, dtype_name,
                                       grad_clip, grads, cuda_graph)
+    train_batches = batch_stream("train", tokenizer, "cpu", state=data_state)  # the stepper copies them over
 
-    train_batches = batches("train", state=data_state, on="cpu")  # the stepper copies them to the device
-
-    @torch.no_grad()
-    @torch.compiler.set_stance("force_eager")
-    def evaluate():
-        """Mean loss on eval_iters batches of each split (the same batches every time).
-
-        Uncompiled: a forward pass without gradients is another graph for torch.compile; compiling it cost 5.5 s
-        of a cold start on an H200 (seed shape), for evaluations that take well under a second each eager."""
-        model.eval()
-        out = {}
-        for split in ("train", "val"):
-            stream = batches(split, stream_seed=seed + 1)
-            total = torch.zeros((), device=dev)
-            for _ in range(eval_iters):
-                x, y = next(stream)
-                with ctx:
-                    model(x, y, return_logits=False)
-                total += model.last_loss.float()
-            if ddp:
-                dist.all_reduce(total)
-            out[split] = total.item() / (eval_iters * world_size)
-        model.train()
-        return out
-
-    def write_checkpoint(paths, iter_num, best_val_loss, budget_iters, data_state):
-        """The model, optimizers and everything a bitwise resume needs, at iteration iter_num, to each of paths
-        (ckpt.pt, and best.pt when it improved: gathered and built once); data_state is this process's place in
-        the training stream (every process's is gathered). The state that changes as training goes is passed in,
-        not read from train()'s variables."""
-        states = [data_state]
-        if ddp:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, data_state)
-            states = gathered
-        if not master:
-            return
-        ckpt = checkpoint_dict(model, model_args, optimizer=[optimizer_state(o) for o in optimizers],
-                               scaler=scaler.state_dict() if scaler.is_enabled() else None, iter_num=iter_num,
-                               best_val_loss=best_val_loss, config=config, rng=rng_state(),
-                               data_state={"world_size": world_size, "ranks": states},
-                               tokenizer=tokenizer.model_bytes, budget_max_iters=budget_iters,
-                               precision={"device_type": device_type, "dtype": dtype_name})
-        for path in paths:
-            save_checkpoint(ckpt, path)
-
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    history = metrics_history(metrics_path, resume_iter) if master and resuming else []
-    if master:
-        try:
-            if not resuming:
-                move_old_run_aside()  # nothing of an earlier run is lost or mixed into this one
-            # a resumed run drops what a cut-off run logged after its last checkpoint
-            atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
-        except OSError as e:
-            raise SystemExit(f"error: cannot write in {out_dir} ({e.strerror or e}); free some disk space or fix "
-                             "the folder, then run the same command again") from None
-
-    if master and wandb_log:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
-
-    def record(entry):
-        history.append(entry)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        if wandb_log:
-            wandb.log(entry, step=entry["iter"])
-
+    # ---- checkpoints, metrics, the banner
+    checkpoints = Checkpoints(model, model_args, optimizers, scaler, tokenizer, config, procs,
+                              precision={"device_type": device_type, "dtype": dtype_name})
+    metrics = Metrics(resuming, resume_iter, config) if master else None
     if master:
         n = model.num_params()
         print(f"model: {n / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M without "
@@ -1039,10 +1164,10 @@ def train():
     stop = StopRequest()
     train_batches_state = train_batches.state_dict()  # the state that yields the next batch
     results = Results(stepper, stepper.capture, ddp, ddp_timeout)
+    log = LogLines(model, tokens_per_iter, batch_size * accum, resume_iter, metrics)
     stopped = False
-    t_last, logged_at, ms_per_iter = time.time(), resume_iter, None  # logged_at: the last line's iteration
     saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
-    evaluated_at = resumed_at  # (a resumed run does not repeat the evaluation its checkpoint was written after)
+    evaluated_at = saved_iter  # (a resumed run does not repeat the evaluation its checkpoint was written after)
     stop_agreed = False  # under torchrun: a process asked to stop (read at a log iteration)
     warm_iter = resume_iter + (Stepper.warmup_steps + 1 if stepper.capture else 0)  # compiled and captured
     budget = Budget(max_train_seconds, device_type, warm_iter) if max_train_seconds > 0 and budget_iters is None \
@@ -1079,58 +1204,30 @@ def train():
         # are read (not while a budget times the steps: it waits for each, and the lines are timed by the reads)
         for it, logged, r, agreed in results.ready(everything=not step_now or budget is not None):
             stop_agreed = stop_agreed or agreed
-            if r["bad_steps"] >= max_bad_steps:
-                held = (f"{ckpt_path} holds iteration {saved_iter} (skipped steps change no weights)"
-                        if saved_iter is not None else
-                        f"no checkpoint was written (the first was due at iteration {eval_interval})")
-                raise SystemExit(f"error: {int(r['bad_steps'])} consecutive steps with a non-finite loss or gradient "
-                                 f"at iteration {it} ({int(r['skipped'])} skipped in all); {held}. "
-                                 "Lower learning_rate, or use dtype=bfloat16 instead of float16")
-            if not logged:
-                continue
-            elapsed = time.time() - t_last
-            t_last, ms = time.time(), elapsed / (it - logged_at) * 1000
-            logged_at = it
-            first_estimate = ms_per_iter is None
-            if it - resume_iter > 2:  # skip the first steps (compile, allocator warm-up) in the averages
-                ms_per_iter = ms if ms_per_iter is None else 0.9 * ms_per_iter + 0.1 * ms
-            if master and first_estimate and ms_per_iter is not None:
-                print(f"estimated training time: {(max_iters - it) * ms_per_iter / 60000:.1f} min for the "
-                      f"remaining {max_iters - it} iterations at {ms_per_iter:.0f} ms each (plus evaluations)")
-            mfu = model.estimate_mfu(batch_size * accum, ms / 1000, peak_flops or None)
-            lr, tok_per_s = r["lr"], tokens_per_iter / ms * 1000
-            if master:
-                n_skipped = int(r["skipped"])
-                eta = (max_iters - it) * (ms_per_iter or ms) / 1000
-                print(f"iter {it}/{max_iters} | loss {r['loss']:.4f} | lr {lr:.2e} | "
-                      f"norm {r['grad_norm']:.2f} | {ms:.1f} ms | {tok_per_s:,.0f} tok/s"
-                      + (f" | mfu {mfu * 100:.1f}%" if not math.isnan(mfu) else "")
-                      + (f" | {n_skipped} non-finite steps skipped" if n_skipped else "")
-                      + f" | eta {eta / 60:.1f} min", flush=True)
-                record({"iter": it, "tokens": it * tokens_per_iter, "loss": r["loss"], "lr": lr,
-                        "grad_norm": r["grad_norm"], "ms": ms, "tok_per_s": tok_per_s,
-                        "mfu": None if math.isnan(mfu) else mfu, "skipped": n_skipped})
+            stop_if_diverging(it, r, saved_iter, ckpt_path)
+            if logged:
+                log.line(it, r)
         if step_now:
             continue
 
         if evaluate_now:
             t_eval = time.time()
-            losses = evaluate()
+            losses = evaluate(model, tokenizer, ctx, procs)
             val_bpb = losses["val"] * tokens_per_byte / math.log(2)
             if master:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val {val_bpb:.4f} bits/byte")
-                record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
-                        "val_loss": losses["val"], "val_bpb": val_bpb})
-                plot_losses(history, os.path.join(out_dir, "loss.png"))
+                metrics.record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+                                "val_loss": losses["val"], "val_bpb": val_bpb})
+                plot_losses(metrics.history, os.path.join(out_dir, "loss.png"))
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0 and not eval_only:
                 paths = [ckpt_path] + ([os.path.join(out_dir, "best.pt")] if improved and keep_best else [])
-                write_checkpoint(paths, iter_num, best_val_loss, budget_iters, train_batches_state)
+                checkpoints.write(paths, iter_num, best_val_loss, budget_iters, train_batches_state)
                 saved_iter = iter_num
             evaluated_at = iter_num
-            t_last += time.time() - t_eval  # evaluation and checkpointing are not training time
+            log.pause(time.time() - t_eval)  # evaluation and checkpointing are not training time
             if budget is not None:
                 budget.eval_seconds = max(budget.eval_seconds, time.time() - t_eval)
         if last or eval_only:
@@ -1138,7 +1235,7 @@ def train():
         if stop_now:
             stopped = True
             if iter_num > resume_iter:
-                write_checkpoint([ckpt_path], iter_num, best_val_loss, budget_iters, train_batches_state)
+                checkpoints.write([ckpt_path], iter_num, best_val_loss, budget_iters, train_batches_state)
             if master and os.path.exists(ckpt_path):
                 print(f"stopped at iteration {iter_num}; {ckpt_path} holds it. Resume with the same command "
                       "(init_from='auto' continues from it).")
@@ -1147,16 +1244,7 @@ def train():
             break
 
     if master and not eval_only and not stopped:
-        evals = [r for r in history if "val_bpb" in r]
-        best = min(evals, key=lambda r: r["val_loss"]) if evals else None
-        print(f"done: {iter_num} iterations" + (f"; best val loss {best['val_loss']:.4f} "
-                                                 f"({best['val_bpb']:.4f} bits/byte) at iteration {best['iter']}"
-                                                 if best else ""))
-        best_path, plot_path = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "loss.png")
-        if os.path.exists(ckpt_path):
-            print(f"checkpoint: {ckpt_path}" + (f" (lowest val loss: {best_path})" if os.path.exists(best_path) else "")
-                  + f"; metrics: {metrics_path}" + (f"; plot: {plot_path}" if os.path.exists(plot_path) else ""))
-            print(f"next: python sample.py --ckpt {ckpt_path}")
+        print_summary(metrics.history, iter_num, ckpt_path, metrics.path)
     if ddp:
         stepper.graph = None  # a graph that holds a captured NCCL collective can hang the teardown (PyTorch #115388)
         dist.barrier()  # tear down together: gloo aborts a process whose peer has already closed its connections
