@@ -1,6 +1,9 @@
 """model.Muon: the update against a float64 reference and torch.optim.Muon, the on-device skip, tensor lr, state."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,6 +148,18 @@ def test_bf16_only_where_it_is_fast(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert fast_bf16_matmul("cpu") is False  # bf16 is emulated there: several times slower than float32
     assert fast_bf16_matmul("mps") is False
+
+
+def test_bf16_measurement_where_the_cpu_emulates_it():
+    """The measurement behind dtype="auto" on a CPU and Muon's precision, in a fresh process where oneDNN may use
+    AVX2 only (as on an AVX2 CPU, where bf16 is emulated: ~30x slower than float32 on an AVX512 machine): bf16
+    loses, and the thread count it timed on one thread with is restored."""
+    code = ("import torch, model; n = torch.get_num_threads(); "
+            "print(model._cpu_bf16_matmul_wins(), torch.get_num_threads() == n)")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.stdout.split() == ["False", "True"], r.stdout + r.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
