@@ -250,7 +250,7 @@ class Transformer(nn.Module):
         steps took as long (13.9 ms).
         """
         options = {"triton.autotune_pointwise": False}
-        if torch.torch_version.TorchVersion(torch.__version__) < "2.13":
+        if torch.__version__ < "2.13":  # (a TorchVersion: compares as a version, 2.13 pre-releases included)
             # Before 2.13 PyTorch's on-disk AOTAutograd cache tells runs apart by whether autocast is on, not by
             # its dtype (fixed by pytorch/pytorch#181564): a bfloat16 run after a float16 one (or the reverse)
             # loaded the other's compiled blocks and silently trained in the wrong precision (H200, torch 2.11:
@@ -258,6 +258,10 @@ class Transformer(nn.Module):
             # graph with its casts, still spares a warm start the code generation.
             from torch._functorch import config as aot_autograd_config
             aot_autograd_config.enable_autograd_cache = False
+            if aot_autograd_config.enable_autograd_cache:  # TORCHINDUCTOR_AUTOGRAD_CACHE=1 overrides the line above
+                print("warning: TORCHINDUCTOR_AUTOGRAD_CACHE=1 keeps PyTorch's AOTAutograd cache on; before torch "
+                      "2.13 it can hand a bfloat16 run a float16 run's compiled blocks (or the reverse): unset it",
+                      file=sys.stderr)
         for layer in self.layers:
             layer.compile(dynamic=False, options=options)
         self.norm.compile(dynamic=False, options=options)  # left eager: several float32 ops, 1-2.5% of a step

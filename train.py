@@ -826,8 +826,8 @@ class Processes(NamedTuple):
 
 
 def start_processes():
-    """This process's rank and device; under torchrun also the process group (with a bounded timeout), and stdout
-    for rank 0 only."""
+    """This process's rank and device, after checking that the processes share gradient_accumulation_steps evenly;
+    under torchrun also the process group (with a bounded timeout), and stdout for rank 0 only."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -885,7 +885,8 @@ def check_resumable(ckpt, path, model_args, tokenizer):
 
 def restore(ckpt, path, optimizers, scaler, procs):
     """Continue where the checkpoint left off: the optimizers' and scaler's state, the random generators (one
-    process), and (iter_num, best_val_loss, this process's place in the data, max_iters as a budget fixed it)."""
+    process), the global max_iters lowered to what a wall-clock budget fixed; returns (iter_num, best_val_loss,
+    this process's place in the data, that max_iters or None)."""
     global max_iters
     load_optimizer_states(optimizers, ckpt["optimizer"], path)
     if ckpt["scaler"] is not None:
@@ -933,7 +934,6 @@ def compile_model(model, dev):
 
 
 @torch.no_grad()
-@torch.compiler.set_stance("force_eager")
 def evaluate(model, tokenizer, ctx, procs):
     """Mean loss on eval_iters batches of each split (the same batches every time), over all processes.
 
@@ -946,7 +946,7 @@ def evaluate(model, tokenizer, ctx, procs):
         total = torch.zeros((), device=procs.dev)
         for _ in range(eval_iters):
             x, y = next(stream)
-            with ctx:
+            with ctx, torch.compiler.set_stance("force_eager"):
                 model(x, y, return_logits=False)
             total += model.last_loss.float()
         if procs.ddp:
@@ -1020,7 +1020,8 @@ class LogLines:
     def __init__(self, model, tokens_per_iter, rows_per_iter, resume_iter, metrics):
         self.model, self.tokens_per_iter, self.rows_per_iter = model, tokens_per_iter, rows_per_iter
         self.resume_iter, self.metrics = resume_iter, metrics
-        self.t_last, self.logged_at, self.ms_per_iter = time.time(), resume_iter, None  # logged_at: the last line's
+        self.t_last, self.ms_per_iter = time.time(), None
+        self.logged_at = resume_iter  # the iteration of the last line
 
     def pause(self, seconds):
         self.t_last += seconds
@@ -1062,6 +1063,7 @@ def stop_if_diverging(it, r, saved_iter, ckpt_path):
 
 
 def print_summary(history, iter_num, ckpt_path, metrics_path):
+    """The end of a run that trained to max_iters: the best evaluation, where the files are, what to run next."""
     evals = [r for r in history if "val_bpb" in r]
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
     print(f"done: {iter_num} iterations" + (f"; best val loss {best['val_loss']:.4f} ({best['val_bpb']:.4f} "
@@ -1167,7 +1169,7 @@ def train():
     log = LogLines(model, tokens_per_iter, batch_size * accum, resume_iter, metrics)
     stopped = False
     saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
-    evaluated_at = saved_iter  # (a resumed run does not repeat the evaluation its checkpoint was written after)
+    evaluated_at = resume_iter if resuming else None  # (a resumed run does not repeat the evaluation its checkpoint was written after)
     stop_agreed = False  # under torchrun: a process asked to stop (read at a log iteration)
     warm_iter = resume_iter + (Stepper.warmup_steps + 1 if stepper.capture else 0)  # compiled and captured
     budget = Budget(max_train_seconds, device_type, warm_iter) if max_train_seconds > 0 and budget_iters is None \

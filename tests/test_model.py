@@ -493,3 +493,16 @@ def test_cpu_bfloat16_attention_runs_in_float32(monkeypatch):
     assert seen and set(seen) == {torch.float32}
     assert h.dtype == torch.bfloat16
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("version,cache", [("2.12.1", False), ("2.13.0a0", False), ("2.13.0", True)])
+def test_compile_regions_turns_the_aot_autograd_cache_off_before_2_13(monkeypatch, version, cache):
+    """Before torch 2.13 the AOTAutograd cache handed one autocast dtype's compiled blocks to a run in the other
+    (pytorch/pytorch#181564; on a GPU, test_compiled_blocks_keep_their_dtype_from_run_to_run shows it); from 2.13
+    on it tells them apart and stays on."""
+    from torch._functorch import config
+    from torch.torch_version import TorchVersion
+    monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+    with config.patch(enable_autograd_cache=True):  # (restored after the test)
+        build().compile_regions()  # (compiles lazily: nothing is compiled here)
+        assert config.enable_autograd_cache is cache
