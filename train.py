@@ -467,15 +467,11 @@ def make_stepper(model, optimizers, scaler, accum, batch_size, seq_len, device, 
     grads: the GradBuffer of a data-parallel run (None for one process).
     """
     device_type = torch.device(device).type
-    fast = fast and device_type == "cuda"
-    micro_steps, rows = plan_micro_batches(accum, batch_size, seq_len, model.args, device, merge=fast)
-    if fast:
-        why_not = None
-    else:
-        why_not = "cuda_graph=False" if device_type == "cuda" else f"CUDA graphs need CUDA, not {device_type}"
-    capture = why_not is None
+    capture = fast and device_type == "cuda"  # the fast path: micro-batches merged, the step one CUDA graph
+    micro_steps, rows = plan_micro_batches(accum, batch_size, seq_len, model.args, device, merge=capture)
     ctx = autocast_ctx(device, dtype_name, cache=not capture)
     stepper = Stepper(model, optimizers, scaler, micro_steps, rows, seq_len, device, ctx, grad_clip, grads, capture)
+    why_not = "cuda_graph=False" if device_type == "cuda" else f"CUDA graphs need CUDA, not {device_type}"
     line = ("step: one CUDA graph (captured after %d warm-up steps)" % Stepper.warmup_steps if capture
             else "step: plain (not captured: %s)" % why_not)
     if grads is not None:
@@ -1169,7 +1165,8 @@ def train():
     log = LogLines(model, tokens_per_iter, batch_size * accum, resume_iter, metrics)
     stopped = False
     saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
-    evaluated_at = resume_iter if resuming else None  # (a resumed run does not repeat the evaluation its checkpoint was written after)
+    # the last evaluation's iteration: a resumed run does not repeat the one its checkpoint was written after
+    evaluated_at = resume_iter if resuming else None
     stop_agreed = False  # under torchrun: a process asked to stop (read at a log iteration)
     warm_iter = resume_iter + (Stepper.warmup_steps + 1 if stepper.capture else 0)  # compiled and captured
     budget = Budget(max_train_seconds, device_type, warm_iter) if max_train_seconds > 0 and budget_iters is None \

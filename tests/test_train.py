@@ -148,6 +148,13 @@ def test_accumulation_in_train_py_equals_one_big_batch(data_dir, tmp_path):
     assert a["tokens"] == b["tokens"] == 8 * 32
 
 
+def tiny_training():
+    """A seeded 2-layer model on the CPU, train.py's optimizers for it, and the stats train_step writes into."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+    return model, train_module.build_optimizers(model, "cpu"), train_module.new_stats("cpu")
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_train_step_over_micro_batches_equals_one_merged_batch(monkeypatch, optimizer):
     """train.train_step with 4 micro-batches of 2 rows vs 1 of 8: the same mean loss, gradient norm and update."""
@@ -156,10 +163,7 @@ def test_train_step_over_micro_batches_equals_one_merged_batch(monkeypatch, opti
     x, y = torch.randint(0, 64, (2, 8, 16), generator=gen)
 
     def step(micro_steps):
-        torch.manual_seed(0)
-        model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
-        optimizers = train_module.build_optimizers(model, "cpu")
-        stats = train_module.new_stats("cpu")
+        model, optimizers, stats = tiny_training()
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         train_module.train_step(model, optimizers, scaler, x.view(micro_steps, -1, 16), y.view(micro_steps, -1, 16),
                                 stats, train_module.autocast_ctx("cpu", "float32"), 1.0)
@@ -179,10 +183,7 @@ def test_float16_overflow_in_one_optimizer_skips_every_optimizer(monkeypatch):
     monkeypatch.setattr(train_module, "optimizer", "muon")
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 64, (2, 1, 8, 16), generator=gen)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
-    optimizers = train_module.build_optimizers(model, "cpu")
-    stats = train_module.new_stats("cpu")
+    model, optimizers, stats = tiny_training()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     ctx = train_module.autocast_ctx("cpu", "float32")
 
@@ -587,14 +588,11 @@ def test_grad_buffer_sums_each_bucket_while_the_backward_pass_runs(monkeypatch):
     monkeypatch.setattr(train_module.GradBuffer, "bucket_bytes", 8192)
 
     def step(buffered):
-        torch.manual_seed(0)
-        model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
-        optimizers = train_module.build_optimizers(model, "cpu")
+        model, optimizers, stats = tiny_training()
         grads = train_module.GradBuffer(model.parameters(), 1) if buffered else None
         def note_embedding(module, inputs, out):  # when the backward pass reaches the embedding
             out.register_hook(lambda g: events.append("embedding"))
         model.tok_embeddings.register_forward_hook(note_embedding)
-        stats = train_module.new_stats("cpu")
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for i in range(2):
             events.clear()
