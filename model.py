@@ -12,7 +12,6 @@ Below the model live the few helpers every script shares: device/dtype selection
 load_model (a checkpoint's model and tokenizer, for sample.py and export.py).
 """
 
-import functools
 import math
 import os
 import pickle
@@ -588,6 +587,12 @@ def newton_schulz(G, steps=5, dtype=torch.float32):
     return X.mT if tall else X
 
 
+# fast_bf16_matmul's verdict for the CPU: decided once per process, so that the dtype for training and Muon's
+# precision agree; None until then. Under torchrun every process takes rank 0's (set_cpu_fast_bf16, from train.py):
+# near the threshold, processes measuring for themselves could disagree, and then train in different dtypes
+_cpu_fast_bf16 = None
+
+
 def fast_bf16_matmul(device):
     """Whether bfloat16 matrix multiplies are faster than float32 ones on this device.
 
@@ -596,17 +601,25 @@ def fast_bf16_matmul(device):
     each step ~4x an AdamW step on an AVX2 laptop). Even where the flags exist, oneDNN can be limited
     (ONEDNN_MAX_CPU_ISA), so a short measurement of the Newton-Schulz matmul decides; bf16 must win clearly.
     """
+    global _cpu_fast_bf16
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    has_flag = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return has_flag and _cpu_bf16_matmul_wins()
+    if _cpu_fast_bf16 is None:
+        has_flag = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        _cpu_fast_bf16 = has_flag and _cpu_bf16_matmul_wins()
+    return _cpu_fast_bf16
 
 
-@functools.cache  # measured once per process: the dtype for training and Muon's precision agree
+def set_cpu_fast_bf16(fast):
+    """Take `fast` as fast_bf16_matmul's verdict for the CPU from now on, instead of deciding it in this process."""
+    global _cpu_fast_bf16
+    _cpu_fast_bf16 = bool(fast)
+
+
 def _cpu_bf16_matmul_wins():
     """Whether a bfloat16 matmul takes under 0.7x the time of a float32 one on this CPU (~0.45x with AVX512-BF16).
 

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, fail, settings_of
-from model import (ModelArgs, Muon, Transformer, adamw, autocast_ctx, checkpoint_dict, load_checkpoint, pick_device,
-                   pick_dtype, save_checkpoint)
+from model import (ModelArgs, Muon, Transformer, adamw, autocast_ctx, checkpoint_dict, fast_bf16_matmul,
+                   load_checkpoint, pick_device, pick_dtype, save_checkpoint, set_cpu_fast_bf16)
 from preprocess import Task, Tokenizer, atomic_write, load_meta
 
 # -----------------------------------------------------------------------------
@@ -821,9 +821,22 @@ class Processes(NamedTuple):
         return self.rank == 0
 
 
+def agree_on_cpu_bf16():
+    """Every process takes rank 0's verdict on whether this CPU multiplies bfloat16 fast (fast_bf16_matmul): it picks
+    dtype="auto"'s training dtype and Muon's Newton-Schulz precision. Each process timing it for itself could
+    disagree near the threshold, and the processes would then train in different dtypes, or (with Muon) their
+    replicas' weights would silently drift apart. A collective: every process calls it, before anything asks for
+    the verdict. (Rank 0 measures only where the CPU has the instructions; the broadcast runs regardless: processes
+    on machines of different CPUs would not agree on skipping it, and one that skipped would leave the rest waiting.)"""
+    fast = torch.tensor([fast_bf16_matmul("cpu") if dist.get_rank() == 0 else False])
+    dist.broadcast(fast, src=0)
+    set_cpu_fast_bf16(fast.item())
+
+
 def start_processes():
     """This process's rank and device, after checking that the processes share gradient_accumulation_steps evenly;
-    under torchrun also the process group (with a bounded timeout), and stdout for rank 0 only."""
+    under torchrun also the process group (with a bounded timeout), on a CPU rank 0's verdict on bfloat16 for every
+    process, and stdout for rank 0 only."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -853,6 +866,8 @@ def start_processes():
             dist.init_process_group(backend="nccl", device_id=torch.device(dev), timeout=timeout)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
+            if dev == "cpu":
+                agree_on_cpu_bf16()
         if rank != 0:  # one copy of every message: rank 0's (errors and warnings still go to stderr)
             sys.stdout = open(os.devnull, "w")
     return Processes(ddp, rank, world_size, dev)

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from model import Muon, fast_bf16_matmul, newton_schulz
+import model
+from model import Muon, fast_bf16_matmul, newton_schulz, set_cpu_fast_bf16
 
 # one square, one wide, one tall matrix whose transpose has the wide one's shape, and another square one: the
 # step batches them as two groups, (16, 16) x 2 and (8, 24) x 2
@@ -144,10 +145,23 @@ def test_refuses_non_matrices():
 
 
 def test_bf16_only_where_it_is_fast(monkeypatch):
+    monkeypatch.setattr(model, "_cpu_fast_bf16", None)  # undecided, as in a fresh process
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert fast_bf16_matmul("cpu") is False  # bf16 is emulated there: several times slower than float32
     assert fast_bf16_matmul("mps") is False
+
+
+def test_cpu_bf16_verdict_is_measured_once_or_set(monkeypatch):
+    """The CPU's verdict is measured once per process (training's dtype and Muon's precision then agree); once set
+    (as train.py sets rank 0's in every process under torchrun) it is taken as it is, with no measurement."""
+    measured = []
+    monkeypatch.setattr(model, "_cpu_fast_bf16", None)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(model, "_cpu_bf16_matmul_wins", lambda: measured.append(1) or True)
+    assert fast_bf16_matmul("cpu") is True and fast_bf16_matmul("cpu") is True and len(measured) == 1
+    set_cpu_fast_bf16(False)
+    assert fast_bf16_matmul("cpu") is False and len(measured) == 1
 
 
 def test_bf16_measurement_where_the_cpu_emulates_it():

@@ -659,6 +659,40 @@ dist.destroy_process_group()
     assert "rank 0:" in r.stdout and "rank 1:" in r.stdout and "buckets = 1 bucket" in r.stdout
 
 
+def test_torchrun_processes_take_rank_0s_bf16_verdict(tmp_path):
+    """Under torchrun on a CPU, whether bfloat16 is fast (dtype="auto"'s training dtype, Muon's Newton-Schulz
+    precision) is rank 0's measurement for every process: here the two ranks' measurements disagree (as they may
+    near the threshold), and after start_processes both take rank 0's, rank 1 without measuring."""
+    script = tmp_path / "verdict.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch, torch.distributed as dist
+import model, train
+rank = int(os.environ["RANK"])
+measured = []
+def measurement():  # bfloat16 wins on rank 0, loses on rank 1
+    measured.append(rank)
+    return rank == 0
+model._cpu_bf16_matmul_wins = measurement
+torch.cpu._is_avx512_bf16_supported = lambda: True  # (so that the measurement decides, on any CPU)
+train.device, train.gradient_accumulation_steps = "cpu", 2
+train.start_processes()
+muon = model.Muon([torch.nn.Parameter(torch.ones(4, 4))])
+muon.param_groups[0]["params"][0].grad = torch.ones(4, 4)
+muon.step()
+with open(f"rank{{rank}}.txt", "w") as f:  # (rank 1's stdout is /dev/null)
+    f.write(f"{{model.fast_bf16_matmul('cpu')}} {{model.pick_dtype('auto', 'cpu', training=True)}} "
+            f"{{muon.param_groups[0]['ns_dtype']}} measured {{len(measured)}}")
+dist.destroy_process_group()
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "rank0.txt").read_text() == "True bfloat16 bfloat16 measured 1"
+    assert (tmp_path / "rank1.txt").read_text() == "True bfloat16 bfloat16 measured 0"
+
+
 def test_torchrun_frees_the_process_group_before_python_exits(data_dir, tmp_path):
     """train.py under torchrun, as its __main__ runs, with destroy_process_group watched: once train() returns,
     nothing may hold the process group. A group that outlives it keeps gloo's threads running into Python's
