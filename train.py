@@ -656,17 +656,60 @@ class Budget:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, writes a checkpoint and exits."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, writes a checkpoint and exits.
+
+    The handler only records the signal: it runs wherever the signal lands (mid-step, or inside another print),
+    and a print there could raise from that place ("reentrant call" inside a print, BrokenPipeError when the
+    reader of a piped stdout went with the same Ctrl-C). The loop says so when it reads the flag (requested())."""
 
     def __init__(self):
         self.signal = None
+        self.noted = False
         signal.signal(signal.SIGTERM, self.handle)
         signal.signal(signal.SIGINT, self.handle)
 
     def handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
-        print(f"\n{self.signal} received: finishing this step, then saving a checkpoint", flush=True)
+
+    def requested(self):
+        """Whether a signal asked to stop (said once, the first time it is read)."""
+        if self.signal is not None and not self.noted:
+            self.noted = True
+            print(f"\n{self.signal} received: finishing this step, then saving a checkpoint", flush=True)
+        return self.signal is not None
+
+
+class DropWhenUnread:
+    """sys.stdout or sys.stderr, except that once the reader of its pipe has gone, what is written is dropped:
+    the file descriptor is pointed at os.devnull (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+    Ctrl-C on `python train.py | tee log` ends tee too; without this the next print (or the flush at exit) raised
+    BrokenPipeError, and the run died without its checkpoint instead of saving and exiting 0."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.drop()
+
+    def drop(self):
+        # the descriptor itself: the text still in the stream's buffer (flushed at exit) goes to os.devnull too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):  # the rest (fileno, encoding, ...) is the stream's
+        return getattr(self.stream, name)
 
 
 def model_args_from_settings():
@@ -1189,7 +1232,7 @@ def train():
     while True:
         last = iter_num >= max_iters
         evaluate_now = eval_only or ((iter_num % eval_interval == 0 or last) and iter_num != evaluated_at)
-        stop_now = stop_agreed if ddp else stop.signal is not None  # (all processes stop at the same iteration)
+        stop_now = stop_agreed if ddp else stop.requested()  # (all processes stop at the same iteration)
         step_now = not (evaluate_now or last or stop_now)
         if step_now:
             # data -> step -> log: the step runs on the device while the host fetches the next batches
@@ -1212,7 +1255,7 @@ def train():
             # nothing) after every step, else every max_bad_steps iterations too: with a captured step, read one
             # step late, at most 2 x max_bad_steps non-finite steps are taken (each skipped) before the stop
             if logging or device_type == "cpu" or iter_num % max_bad_steps == 0:
-                results.take(iter_num, logging, lr, stop.signal is not None)
+                results.take(iter_num, logging, lr, stop.requested())
 
         # the results taken at earlier iterations: with a captured step, the one just launched runs while they
         # are read (not while a budget times the steps: it waits for each, and the lines are timed by the reads)
@@ -1267,6 +1310,7 @@ def train():
 
 
 if __name__ == "__main__":
+    sys.stdout, sys.stderr = (DropWhenUnread(s) if s is not None else s for s in (sys.stdout, sys.stderr))
     configure(globals(), sys.argv[1:])
     try:
         train()

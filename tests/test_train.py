@@ -252,6 +252,24 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     assert ckpt["iter_num"] >= 3
 
 
+def test_ctrl_c_with_stdout_into_a_pipe_whose_reader_has_gone_still_saves(data_dir, tmp_path):
+    """`python train.py 2>&1 | tee log`, then Ctrl-C: the terminal's SIGINT ends tee too, so what train.py prints
+    next (its note that it is stopping, a log line, the lines flushed at exit) goes into a pipe nobody reads. It
+    still finishes its step, saves and exits 0; what it could not print is dropped."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *settings(data_dir, out, max_iters=100000, log_interval=1,
+                                                                    eval_interval=100000)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # a process group of its own, as a terminal's foreground job
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    proc.stdout.close()  # tee is gone
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the whole group
+    assert proc.wait(timeout=120) == 0
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] >= 3
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16))
     from model import checkpoint_dict
