@@ -938,9 +938,9 @@ def check_resumable(ckpt, path, model_args, tokenizer):
 
 
 def restore(ckpt, path, optimizers, scaler, procs):
-    """Continue where the checkpoint left off: the optimizers' and scaler's state, the random generators (one
-    process), the global max_iters lowered to what a wall-clock budget fixed; returns (iter_num, best_val_loss,
-    this process's place in the data, that max_iters or None)."""
+    """Continue where the checkpoint left off: the optimizers' and scaler's state, the random generators (each
+    process its own, under the same number of processes), the global max_iters lowered to what a wall-clock budget
+    fixed; returns (iter_num, best_val_loss, this process's place in the data, that max_iters or None)."""
     global max_iters
     load_optimizer_states(optimizers, ckpt["optimizer"], path)
     if ckpt["scaler"] is not None:
@@ -952,9 +952,15 @@ def restore(ckpt, path, optimizers, scaler, procs):
     saved = ckpt["data_state"]
     # with another number of processes every rank continues from rank 0's place in the epoch (the batch stream
     # rescales it and says so)
-    data_state = saved["ranks"][procs.rank] if saved["world_size"] == procs.world_size else saved["ranks"][0]
-    if procs.world_size == saved["world_size"] == 1:
-        set_rng_state(ckpt["rng"])  # exact continuation (dropout masks included)
+    same_world = saved["world_size"] == procs.world_size
+    data_state = saved["ranks"][procs.rank] if same_world else saved["ranks"][0]
+    # each process its own random generators: an exact continuation, dropout masks included. With another number
+    # of processes, or from a checkpoint that holds rank 0's alone (older ones), each keeps the seed + rank train()
+    # gave it: the global batch is dealt out anew then, so no continuation is exact, and rank 0's state on every
+    # rank would give them all the same dropout masks
+    rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    if same_world and len(rngs) == procs.world_size:
+        set_rng_state(rngs[procs.rank])
     if procs.master:
         print(f"resuming from {path} at iteration {iter_num}")
         if iter_num >= max_iters and not eval_only:
@@ -1020,17 +1026,19 @@ class Checkpoints:
 
     def write(self, paths, iter_num, best_val_loss, budget_iters, data_state):
         """The state at iteration iter_num, to each of paths (built and gathered once); data_state: this process's
-        place in the training stream (every process's is gathered)."""
-        states = [data_state]
+        place in the training stream (every process's is gathered, with its random generators)."""
+        mine = (data_state, rng_state())
+        states = [mine]
         if self.procs.ddp:
             states = [None] * self.procs.world_size
-            dist.all_gather_object(states, data_state)
+            dist.all_gather_object(states, mine)
         if not self.procs.master:
             return
+        data_states, rngs = (list(per_rank) for per_rank in zip(*states))
         ckpt = checkpoint_dict(self.model, self.model_args, optimizer=[optimizer_state(o) for o in self.optimizers],
                                scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                               iter_num=iter_num, best_val_loss=best_val_loss, config=self.config, rng=rng_state(),
-                               data_state={"world_size": self.procs.world_size, "ranks": states},
+                               iter_num=iter_num, best_val_loss=best_val_loss, config=self.config, rng=rngs,
+                               data_state={"world_size": self.procs.world_size, "ranks": data_states},
                                tokenizer=self.tokenizer.model_bytes, budget_max_iters=budget_iters,
                                precision=self.precision)
         for path in paths:

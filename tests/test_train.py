@@ -773,11 +773,15 @@ def test_a_dead_rank_ends_the_job_with_a_message(data_dir, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds torchrun's workers through /proc")
-def test_sigterm_to_one_rank_stops_every_rank_at_a_log_iteration(data_dir, tmp_path):
+def test_sigterm_to_one_rank_stops_every_rank_at_a_log_iteration_and_the_resume_is_exact(data_dir, tmp_path):
+    """Run again, the stopped run continues bitwise as one that never stopped: each rank from its own place in the
+    data, with its own random generators (dropout: each rank draws its own masks)."""
+    # a constant learning rate: the stopped run's max_iters does not shape the schedule; float32: not dtype="auto"'s
+    # measurement, which could choose another dtype for the straight run
+    common = dict(eval_interval=100000, log_interval=5, dropout=0.1, lr_schedule="constant", dtype="float32")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     out = tmp_path / "ddp"
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "train.py", *settings(data_dir, out, max_iters=100000, eval_interval=100000,
-                                                       log_interval=5)],
+    launcher = subprocess.Popen([sys.executable, *torchrun, *settings(data_dir, out, max_iters=100000, **common)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_metrics(launcher, out, 3, timeout=240)  # the eval at 0, then 2 logs
     pids = worker_pids(launcher.pid)
@@ -790,6 +794,43 @@ def test_sigterm_to_one_rank_stops_every_rank_at_a_log_iteration(data_dir, tmp_p
     assert "done:" not in output and "next: python sample.py" not in output, output  # rank 0 stopped, too
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == stops[0] and len(ckpt["data_state"]["ranks"]) == 2
+
+    straight = tmp_path / "straight"
+    for d in (out, straight):  # resumed (init_from="auto"), and the same iterations without a stop
+        r = run([*torchrun, *settings(data_dir, d, max_iters=stops[0] + 10, **common)], ROOT)
+        assert r.returncode == 0, r.stdout + r.stderr
+    a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(out / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == stops[0] + 10
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_restore_gives_each_rank_its_own_random_generators_and_reads_older_checkpoints():
+    """Under the checkpoint's number of processes each rank resumes its own random generators (its dropout
+    masks); under another number, or from an older checkpoint (a single state: rank 0's), each keeps its own seed
+    (seed + rank): no continuation is exact then, and rank 0's state would give every rank the same masks."""
+    def saved(world_size):  # the generators of world_size processes, each in a state of its own
+        states = []
+        for rank in range(world_size):
+            torch.manual_seed(100 + rank)
+            states.append(train_module.rng_state())
+        return states
+
+    def resumed(rng, saved_world_size, rank, world_size):  # this process's torch generator after restore()
+        torch.manual_seed(7)  # as train() seeds it before resuming
+        ckpt = {"optimizer": [], "scaler": None, "iter_num": 10, "best_val_loss": 1.0, "rng": rng,
+                "data_state": {"world_size": saved_world_size, "ranks": [None] * saved_world_size}}
+        train_module.restore(ckpt, "ckpt.pt", [], None, train_module.Processes(world_size > 1, rank, world_size, "cpu"))
+        return torch.get_rng_state()
+
+    own = torch.manual_seed(7).get_state()
+    two, one = saved(2), saved(1)
+    assert torch.equal(resumed(two, 2, rank=1, world_size=2), two[1]["torch"])
+    assert torch.equal(resumed(one, 1, rank=0, world_size=1), one[0]["torch"])
+    assert torch.equal(resumed(two, 2, rank=0, world_size=1), own)  # another number of processes
+    assert torch.equal(resumed(one, 1, rank=1, world_size=2), own)
+    assert torch.equal(resumed(one[0], 1, rank=0, world_size=1), one[0]["torch"])  # older checkpoints
+    assert torch.equal(resumed(two[0], 2, rank=1, world_size=2), own)
 
 
 def test_configs_parse():
