@@ -42,7 +42,7 @@ out_dir = "output"
 eval_interval = 2000  # evaluate and write out_dir/ckpt.pt every this many iterations (and at the end)
 log_interval = 1
 eval_iters = 100  # batches per split for each evaluation
-eval_only = False  # evaluate once and exit
+eval_only = False  # evaluate out_dir/ckpt.pt once, print the losses and exit; writes nothing
 keep_best = True  # also keep the model with the best val loss so far as out_dir/best.pt
 init_from = "auto"  # "scratch", "resume" (from out_dir/ckpt.pt) or "auto" (resume when ckpt.pt exists)
 wandb_log = False
@@ -696,6 +696,8 @@ def check_settings():
         fail(f"unknown optimizer '{optimizer}'; choose adamw or muon")
     if init_from not in ("scratch", "resume", "auto"):
         fail(f"unknown init_from '{init_from}'; choose scratch, resume or auto")
+    if eval_only and init_from == "scratch":
+        fail("--eval_only=True evaluates out_dir/ckpt.pt, not a new model; drop --init_from=scratch")
     try:
         model_args_from_settings()
     except ValueError as e:  # e.g. dim not divisible by n_heads
@@ -1106,7 +1108,10 @@ def train():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "resume" and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=auto or scratch")
-    if master:
+    if eval_only and not os.path.exists(ckpt_path):  # a random model's loss would be no answer
+        raise SystemExit(f"error: --eval_only=True evaluates {ckpt_path}, which does not exist; point --out_dir at "
+                         "the folder of a trained run")
+    if master and not eval_only:  # (eval_only writes nothing in out_dir, so it may run beside the run training there)
         claim_out_dir()  # before any work: a second run on this out_dir stops here
     torch.manual_seed(seed + procs.rank)
     if device_type == "cuda":
@@ -1159,7 +1164,7 @@ def train():
     # ---- checkpoints, metrics, the banner
     checkpoints = Checkpoints(model, model_args, optimizers, scaler, tokenizer, config, procs,
                               precision={"device_type": device_type, "dtype": dtype_name})
-    metrics = Metrics(resuming, resume_iter, config) if master else None
+    metrics = Metrics(resuming, resume_iter, config) if master and not eval_only else None
     if master:
         n = model.num_params()
         print(f"model: {n / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M without "
@@ -1231,6 +1236,7 @@ def train():
             if master:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val {val_bpb:.4f} bits/byte")
+            if master and not eval_only:  # eval_only reports; the run's metrics and plot are its training's
                 metrics.record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
                                 "val_loss": losses["val"], "val_bpb": val_bpb})
                 plot_losses(metrics.history, os.path.join(out_dir, "loss.png"))

@@ -427,6 +427,31 @@ def test_fresh_start_keeps_the_earlier_run(data_dir, tmp_path):
     assert [m["iter"] for m in metrics(out)][0] == 0  # the new run's metrics start afresh
 
 
+def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, max_iters=4, eval_interval=2)
+
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir()}
+    before = files()
+    r = train_cli(data_dir, out, eval_only=True)  # the checkpoint's losses; metrics.jsonl gets no record of them
+    assert re.search(r"^iter 4: train loss [0-9.]+, val loss [0-9.]+, val [0-9.]+ bits/byte$", r.stdout, re.M)
+    assert files() == before
+    # no checkpoint: a one-line error, where a random model's loss was reported and the earlier run moved aside
+    (out / "ckpt.pt").rename(tmp_path / "ckpt.pt")
+    before = files()
+    for where in (out, tmp_path / "typo"):
+        with pytest.raises(SystemExit) as e:
+            in_process_train(data_dir, where, monkeypatch, eval_only=True)
+        assert e.value.code == f"error: --eval_only=True evaluates {where / 'ckpt.pt'}, which does not exist; " \
+                               "point --out_dir at the folder of a trained run"
+    assert "val loss" not in capsys.readouterr().out
+    assert files() == before and not (tmp_path / "typo").exists()
+    with pytest.raises(SystemExit) as e:
+        in_process_train(data_dir, out, monkeypatch, eval_only=True, init_from="scratch")
+    assert e.value.code == 2 and "drop --init_from=scratch" in capsys.readouterr().err and files() == before
+
+
 def test_second_run_on_a_busy_out_dir_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "train.py", *settings(data_dir, out, max_iters=100000,
