@@ -409,10 +409,11 @@ class Transformer(nn.Module):
                 return
 
     @classmethod
-    def from_checkpoint(cls, ckpt, path="the checkpoint"):
-        """Build the model a checkpoint describes and load its weights (every key must match), or a one-line error."""
+    def from_checkpoint(cls, ckpt, path="the checkpoint", **changes):
+        """Build the model a checkpoint describes and load its weights (every key must match), or a one-line error.
+        changes: ModelArgs that the weights do not depend on, to differ from the checkpoint's (train.py: dropout)."""
         try:
-            model = cls(ModelArgs(**ckpt["model_args"]))
+            model = cls(ModelArgs(**{**ckpt["model_args"], **changes}))
             model.load_state_dict(ckpt["model"], strict=True)
         except (RuntimeError, ValueError, TypeError, KeyError) as e:
             detail = " ".join(str(e).split())  # load_state_dict names the keys over several lines

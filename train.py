@@ -883,9 +883,10 @@ def batch_stream(split, tokenizer, on, state=None, stream_seed=None):
 
 
 def check_resumable(ckpt, path, model_args, tokenizer):
-    """A one-line error when the checkpoint cannot continue under these settings (another shape or tokenizer)."""
+    """A one-line error when the checkpoint cannot continue under these settings (another shape or tokenizer).
+    dropout may change: it is a regulariser, not part of the shape (the resumed model takes this run's)."""
     differs = {k: (v, getattr(model_args, k)) for k, v in ckpt["model_args"].items()
-               if getattr(model_args, k, None) != v}
+               if k != "dropout" and getattr(model_args, k, None) != v}
     if differs:
         detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differs.items())
         raise SystemExit(f"error: {path} was trained with another model shape ({detail}); resume with "
@@ -1135,7 +1136,8 @@ def train():
         if dtype == "auto" and ckpt.get("precision", {}).get("device_type") == device_type:
             dtype_name = ckpt["precision"]["dtype"]  # what "auto" chose then (on a CPU a measurement): bitwise resume
             dtype_why = " (auto: as the checkpoint was trained)"
-    model = Transformer.from_checkpoint(ckpt, ckpt_path) if ckpt is not None else Transformer(model_args)
+    model = (Transformer.from_checkpoint(ckpt, ckpt_path, dropout=dropout) if ckpt is not None
+             else Transformer(model_args))
     model.to(dev)
     optimizers = build_optimizers(model, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")

@@ -537,6 +537,22 @@ def test_resume_takes_new_hyperparameters_but_refuses_another_optimizer(data_dir
     assert r.returncode != 0 and "holds the state of another optimizer" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_resume_takes_another_dropout(data_dir, tmp_path, monkeypatch):
+    """dropout is a regulariser, not a shape: a resumed run may change it (as nanoGPT's may), trains with the new
+    value and records it."""
+    first = tmp_path / "first"
+    in_process_train(data_dir, first, monkeypatch, max_iters=10, eval_interval=10, dropout=0.0)
+    weights = {}
+    for p in (0.0, 0.3):
+        out = tmp_path / f"dropout{p}"
+        shutil.copytree(first, out)
+        in_process_train(data_dir, out, monkeypatch, max_iters=20, eval_interval=10, dropout=p)
+        ckpt = load_checkpoint(out / "ckpt.pt")
+        assert ckpt["iter_num"] == 20 and ckpt["model_args"]["dropout"] == p
+        weights[p] = ckpt["model"]
+    assert any(not torch.equal(t, weights[0.3][k]) for k, t in weights[0.0].items())  # 0.3 took effect
+
+
 def test_resume_refuses_another_tokenizer(data_dir, tmp_path):
     out = tmp_path / "run"
     train_cli(data_dir, out, max_iters=5, eval_interval=5)
