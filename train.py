@@ -682,6 +682,12 @@ def check_settings():
             fail(f"--{name} must be >= 1, not {globals()[name]}")
     if max_iters < 0 or learning_rate <= 0 or muon_lr <= 0 or min_lr < 0 or warmup_iters < 0:
         fail("max_iters, warmup_iters and min_lr must be >= 0, learning_rate and muon_lr > 0")
+    for name in ("beta1", "beta2"):  # (AdamW's own check would be a traceback, after the data is prepared)
+        if not 0 <= globals()[name] < 1:
+            fail(f"--{name} must be in [0, 1), not {globals()[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if globals()[name] < 0:
+            fail(f"--{name} must be >= 0 (0: off), not {globals()[name]}")
     if seed < 0:
         fail(f"--seed must be >= 0, not {seed}")
     if ddp_timeout <= 0:
