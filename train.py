@@ -913,6 +913,8 @@ def restore(ckpt, path, optimizers, scaler, procs):
         scaler.load_state_dict(ckpt["scaler"])
     iter_num, best_val_loss, budget_iters = ckpt["iter_num"], ckpt["best_val_loss"], None
     if max_train_seconds > 0 and ckpt.get("budget_max_iters"):
+        if procs.master:
+            note_budget_kept(ckpt, path)
         max_iters = min(max_iters, ckpt["budget_max_iters"])  # the same schedule as before the stop
         budget_iters = max_iters
     saved = ckpt["data_state"]
@@ -924,9 +926,27 @@ def restore(ckpt, path, optimizers, scaler, procs):
     if procs.master:
         print(f"resuming from {path} at iteration {iter_num}")
         if iter_num >= max_iters and not eval_only:
+            further = (f"Raise --max_iters to train further, e.g. --max_iters={2 * iter_num}" if budget_iters is None
+                       else "Its time budget fixed max_iters, and a resumed run keeps it: to train further, turn the "
+                       f"budget off and raise max_iters, e.g. --max_train_seconds=0 --max_iters={2 * iter_num}")
             print(f"note: {path} is already at iteration {iter_num} and max_iters is {max_iters}: nothing to train. "
-                  f"Raise --max_iters to train further, e.g. --max_iters={2 * iter_num}", file=sys.stderr)
+                  + further, file=sys.stderr)
     return iter_num, best_val_loss, data_state, budget_iters
+
+
+def note_budget_kept(ckpt, path):
+    """A resumed run keeps the max_iters its time budget fixed (the same schedule as before the stop, so the resume
+    is exact): a note naming the --max_iters and --max_train_seconds this run was given for another schedule, which
+    it therefore does not use, and what does work. (A max_iters below the budget's does lower it.)"""
+    fixed, before = ckpt["budget_max_iters"], ckpt.get("config", {})
+    other_iters = max_iters > fixed and max_iters != before.get("max_iters")  # (not the cap the run had before)
+    unused = [f"--max_iters={max_iters}"] if other_iters else []
+    if max_train_seconds != before.get("max_train_seconds"):
+        unused.append(f"--max_train_seconds={max_train_seconds:g}")
+    if unused:
+        print(f"note: {' and '.join(unused)} not used: {path}'s time budget fixed max_iters at {fixed}, and a resumed "
+              "run keeps that schedule. To train to another max_iters, turn the budget off: --max_train_seconds=0 "
+              f"--max_iters={max_iters if other_iters else 2 * fixed}", file=sys.stderr)
 
 
 def note_eval_windows(tokenizer, procs):

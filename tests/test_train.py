@@ -1009,6 +1009,32 @@ def test_budget_fixes_max_iters_and_resume_continues_it(data_dir, tmp_path):
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def test_resume_after_a_budget_says_what_trains_further(data_dir, tmp_path, monkeypatch, capsys):
+    """A resumed budgeted run keeps the max_iters its budget fixed: the notes name what does train further (and
+    that does), and say so when --max_iters or --max_train_seconds would have asked for another schedule."""
+    out = tmp_path / "run"
+    in_process_train(data_dir, out, monkeypatch, max_iters=10, eval_interval=10)
+    ckpt = load_checkpoint(out / "ckpt.pt")  # as if a 30 s budget had fixed max_iters at 10, under a cap of 100000
+    ckpt["budget_max_iters"] = 10
+    ckpt["config"].update(max_iters=100000, max_train_seconds=30.0)
+    save_checkpoint(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+
+    def resume(**extra):
+        in_process_train(data_dir, out, monkeypatch, **{"max_iters": 100000, "max_train_seconds": 30.0, **extra})
+        assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 10  # nothing trained
+        return capsys.readouterr().err
+    err = resume()
+    assert "nothing to train" in err and "e.g. --max_train_seconds=0 --max_iters=20" in err and "not used" not in err
+    for extra, unused in ((dict(max_iters=20), "--max_iters=20"), (dict(max_train_seconds=60.0),
+                                                                   "--max_train_seconds=60")):
+        err = resume(**extra)
+        assert f"note: {unused} not used: {out / 'ckpt.pt'}'s time budget fixed max_iters at 10" in err, err
+        assert "turn the budget off: --max_train_seconds=0 --max_iters=20" in err
+    in_process_train(data_dir, out, monkeypatch, max_iters=20, max_train_seconds=0.0)  # the advice works
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 20
+
+
 def test_resume_keeps_the_precision_auto_chose(data_dir, tmp_path):
     """dtype="auto" on a CPU is a measurement (bfloat16 where the CPU multiplies it fast): a resumed run takes the
     checkpoint's choice, not a new measurement's, so it continues exactly as the stopped run would have."""
