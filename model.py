@@ -929,7 +929,10 @@ def pick_device(device="auto"):
     mps_ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    kind = device.split(":")[0]
+    try:
+        kind = torch.device(device).type  # "cpu:0" is a CPU, "cuda:x" no device at all
+    except RuntimeError:
+        kind = None
     if kind == "cuda" and not torch.cuda.is_available():
         fail(f"device '{device}' asked for, but PyTorch sees no CUDA GPU; use --device=cpu or --device=auto")
     if kind == "mps" and not mps_ok:

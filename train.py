@@ -874,7 +874,7 @@ def start_processes():
             dist.init_process_group(backend="nccl", device_id=torch.device(dev), timeout=timeout)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
-            if dev == "cpu":
+            if torch.device(dev).type == "cpu":  # "cpu:0" too
                 agree_on_cpu_bf16()
         if rank != 0:  # one copy of every message: rank 0's (errors and warnings still go to stderr)
             sys.stdout = open(os.devnull, "w")

@@ -367,6 +367,7 @@ def test_bad_settings_are_one_line_errors(data_dir, tmp_path, monkeypatch, capsy
     # holds no data, so a check made only after data preparation fails with another message)
     cases = [
         (dict(device="cuda"), "no CUDA GPU") if not torch.cuda.is_available() else (dict(device="tpu"), "device"),
+        (dict(device="cpu:x"), "unknown device 'cpu:x'"),
         (dict(optimizer="sgd"), "choose adamw or muon"),
         (dict(compile=1), "--compile must be True, False or None"),
         (dict(eval_interval=0), "--eval_interval must be >= 1"),
@@ -704,10 +705,12 @@ dist.destroy_process_group()
     assert "rank 0:" in r.stdout and "rank 1:" in r.stdout and "buckets = 1 bucket" in r.stdout
 
 
-def test_torchrun_processes_take_rank_0s_bf16_verdict(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cpu:0"])
+def test_torchrun_processes_take_rank_0s_bf16_verdict(tmp_path, device):
     """Under torchrun on a CPU, whether bfloat16 is fast (dtype="auto"'s training dtype, Muon's Newton-Schulz
     precision) is rank 0's measurement for every process: here the two ranks' measurements disagree (as they may
-    near the threshold), and after start_processes both take rank 0's, rank 1 without measuring."""
+    near the threshold), and after start_processes both take rank 0's, rank 1 without measuring. (--device=cpu:0
+    is a CPU too.)"""
     script = tmp_path / "verdict.py"
     script.write_text(f"""
 import os, sys
@@ -721,7 +724,7 @@ def measurement():  # bfloat16 wins on rank 0, loses on rank 1
     return rank == 0
 model._cpu_bf16_matmul_wins = measurement
 torch.cpu._is_avx512_bf16_supported = lambda: True  # (so that the measurement decides, on any CPU)
-train.device, train.gradient_accumulation_steps = "cpu", 2
+train.device, train.gradient_accumulation_steps = {device!r}, 2
 train.start_processes()
 muon = model.Muon([torch.nn.Parameter(torch.ones(4, 4))])
 muon.param_groups[0]["params"][0].grad = torch.ones(4, 4)
