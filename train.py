@@ -1271,7 +1271,9 @@ def train():
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0 and not eval_only:
-                paths = [ckpt_path] + ([os.path.join(out_dir, "best.pt")] if improved and keep_best else [])
+                # best.pt first: killed between the two writes, ckpt.pt must not be left with a best_val_loss that
+                # best.pt does not hold (later evaluations between the two losses would then never update best.pt)
+                paths = ([os.path.join(out_dir, "best.pt")] if improved and keep_best else []) + [ckpt_path]
                 checkpoints.write(paths, iter_num, best_val_loss, budget_iters, train_batches_state)
                 saved_iter = iter_num
             evaluated_at = iter_num

@@ -280,10 +280,31 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previous_
                        cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(100_000))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: could not write {out / 'ckpt.pt'} (File too large)"), last
+    # (best.pt when the evaluation improved: it is written first)
+    assert re.match(rf"error: could not write {re.escape(str(out))}/(best|ckpt)\.pt \(File too large\)", last), last
     assert "the previous checkpoint there, if any, is unchanged" in last
     assert (out / "ckpt.pt").read_bytes() == before
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_killed_between_checkpoint_writes_best_pt_holds_the_best_ckpt_pt_claims(data_dir, tmp_path, monkeypatch):
+    """An improving evaluation writes best.pt and ckpt.pt; a run killed between the two must not leave ckpt.pt's
+    best_val_loss lower than the loss of the model in best.pt."""
+    class Killed(BaseException):
+        pass
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(ckpt, path):
+        real_save(ckpt, path)
+        if ckpt["iter_num"] == 20:
+            raise Killed
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        in_process_train(data_dir, out, monkeypatch, max_iters=20, eval_interval=10)
+    best, ckpt = load_checkpoint(out / "best.pt"), load_checkpoint(out / "ckpt.pt")
+    assert best["iter_num"] == 20 and ckpt["iter_num"] == 10  # the loss improved at 20: best.pt was written first
+    assert best["best_val_loss"] <= ckpt["best_val_loss"]
 
 
 def in_process_train(data_dir, out_dir, monkeypatch, **extra):
