@@ -934,6 +934,16 @@ def restore(ckpt, path, optimizers, scaler, procs):
     return iter_num, best_val_loss, data_state, budget_iters
 
 
+def tokens_trained(ckpt):
+    """The tokens the checkpoint's model was trained on. Checkpoints from before that count was kept: iterations x
+    the tokens per iteration of the config they were written with (wrong only where an earlier resume changed it)."""
+    if ckpt.get("tokens") is not None:
+        return ckpt["tokens"]
+    config = ckpt.get("config", {})
+    return ckpt["iter_num"] * math.prod(config.get(k, globals()[k]) for k in ("gradient_accumulation_steps",
+                                                                               "batch_size", "max_seq_len"))
+
+
 def note_budget_kept(ckpt, path):
     """A resumed run keeps the max_iters its time budget fixed (the same schedule as before the stop, so the resume
     is exact): a note naming the --max_iters and --max_train_seconds this run was given for another schedule, which
@@ -1000,9 +1010,10 @@ class Checkpoints:
     """Writes ckpt.pt (and best.pt): the model, the optimizers and everything a bitwise resume needs. What is fixed
     for the run is given once; the state that changes as training goes is passed to write()."""
 
-    def __init__(self, model, model_args, optimizers, scaler, tokenizer, config, procs, precision):
+    def __init__(self, model, model_args, optimizers, scaler, tokenizer, config, procs, precision, tokens_at):
         self.model, self.model_args, self.optimizers, self.scaler = model, model_args, optimizers, scaler
         self.tokenizer, self.config, self.procs, self.precision = tokenizer, config, procs, precision
+        self.tokens_at = tokens_at  # iteration -> tokens trained on by then
 
     def write(self, paths, iter_num, best_val_loss, budget_iters, data_state):
         """The state at iteration iter_num, to each of paths (built and gathered once); data_state: this process's
@@ -1019,6 +1030,7 @@ class Checkpoints:
                                data_state={"world_size": self.procs.world_size, "ranks": states},
                                tokenizer=self.tokenizer.model_bytes, budget_max_iters=budget_iters,
                                precision=self.precision)
+        ckpt["tokens"] = self.tokens_at(iter_num)
         for path in paths:
             save_checkpoint(ckpt, path)
 
@@ -1057,9 +1069,9 @@ class LogLines:
     MFU and the time left. Lines are timed by when the loop reads the step's results, which is when the step ended;
     evaluations and checkpoints do not count (pause()). metrics: rank 0's Metrics, None on the other ranks."""
 
-    def __init__(self, model, tokens_per_iter, rows_per_iter, resume_iter, metrics):
+    def __init__(self, model, tokens_per_iter, rows_per_iter, resume_iter, metrics, tokens_at):
         self.model, self.tokens_per_iter, self.rows_per_iter = model, tokens_per_iter, rows_per_iter
-        self.resume_iter, self.metrics = resume_iter, metrics
+        self.resume_iter, self.metrics, self.tokens_at = resume_iter, metrics, tokens_at
         self.t_last, self.ms_per_iter = time.time(), None
         self.logged_at = resume_iter  # the iteration of the last line
 
@@ -1086,7 +1098,7 @@ class LogLines:
               f"{ms:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | mfu {mfu * 100:.1f}%" if not math.isnan(mfu) else "")
               + (f" | {n_skipped} non-finite steps skipped" if n_skipped else "") + f" | eta {eta / 60:.1f} min",
               flush=True)
-        self.metrics.record({"iter": it, "tokens": it * self.tokens_per_iter, "loss": r["loss"], "lr": lr,
+        self.metrics.record({"iter": it, "tokens": self.tokens_at(it), "loss": r["loss"], "lr": lr,
                              "grad_norm": r["grad_norm"], "ms": ms, "tok_per_s": tok_per_s,
                              "mfu": None if math.isnan(mfu) else mfu, "skipped": n_skipped})
 
@@ -1169,8 +1181,15 @@ def train():
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     iter_num, best_val_loss, data_state, budget_iters = (restore(ckpt, ckpt_path, optimizers, scaler, procs)
                                                          if ckpt is not None else (0, float("inf"), None, None))
+    # the tokens trained on by iteration it count on from the checkpoint's total: the runs before this one may have
+    # taken other numbers of tokens per iteration
+    tokens_before = tokens_trained(ckpt) if ckpt is not None else 0
     del ckpt
     resume_iter = iter_num
+
+    def tokens_at(it):
+        return tokens_before + (it - resume_iter) * tokens_per_iter
+
     if master:
         note_eval_windows(tokenizer, procs)
 
@@ -1191,7 +1210,7 @@ def train():
 
     # ---- checkpoints, metrics, the banner
     checkpoints = Checkpoints(model, model_args, optimizers, scaler, tokenizer, config, procs,
-                              precision={"device_type": device_type, "dtype": dtype_name})
+                              precision={"device_type": device_type, "dtype": dtype_name}, tokens_at=tokens_at)
     metrics = Metrics(resuming, resume_iter, config) if master and not eval_only else None
     if master:
         n = model.num_params()
@@ -1210,7 +1229,7 @@ def train():
     stop = StopRequest()
     train_batches_state = train_batches.state_dict()  # the state that yields the next batch
     results = Results(stepper, stepper.capture, ddp, ddp_timeout)
-    log = LogLines(model, tokens_per_iter, batch_size * accum, resume_iter, metrics)
+    log = LogLines(model, tokens_per_iter, batch_size * accum, resume_iter, metrics, tokens_at)
     stopped = False
     saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
     # the last evaluation's iteration: a resumed run does not repeat the one its checkpoint was written after
@@ -1265,7 +1284,7 @@ def train():
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val {val_bpb:.4f} bits/byte")
             if master and not eval_only:  # eval_only reports; the run's metrics and plot are its training's
-                metrics.record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+                metrics.record({"iter": iter_num, "tokens": tokens_at(iter_num), "train_loss": losses["train"],
                                 "val_loss": losses["val"], "val_bpb": val_bpb})
                 plot_losses(metrics.history, os.path.join(out_dir, "loss.png"))
             improved = losses["val"] < best_val_loss

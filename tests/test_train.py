@@ -579,6 +579,23 @@ def test_resume_takes_another_dropout(data_dir, tmp_path, monkeypatch):
     assert any(not torch.equal(t, weights[0.3][k]) for k, t in weights[0.0].items())  # 0.3 took effect
 
 
+def test_tokens_count_on_across_a_resume_with_another_batch_size(data_dir, tmp_path, monkeypatch):
+    """metrics.jsonl's tokens after a resume with twice the batch: 40 x 256 tokens, then 512 per iteration. A
+    checkpoint without the count (older ones) counts its iterations at its config's tokens per iteration."""
+    out = tmp_path / "run"
+    in_process_train(data_dir, out, monkeypatch, max_iters=40, eval_interval=40)
+    old = tmp_path / "old"  # the same checkpoint without the count, as earlier versions wrote it
+    shutil.copytree(out, old)
+    ckpt = load_checkpoint(old / "ckpt.pt")
+    ckpt.pop("tokens", None)
+    save_checkpoint(ckpt, old / "ckpt.pt")
+    for run_dir in (out, old):
+        in_process_train(data_dir, run_dir, monkeypatch, max_iters=50, eval_interval=10, batch_size=8)
+        tokens = {m["iter"]: m["tokens"] for m in metrics(run_dir)}
+        assert tokens[40] == 40 * 256 and tokens[45] == 40 * 256 + 5 * 512 and tokens[50] == 40 * 256 + 10 * 512
+        assert load_checkpoint(run_dir / "ckpt.pt")["tokens"] == 40 * 256 + 10 * 512
+
+
 def test_resume_refuses_another_tokenizer(data_dir, tmp_path):
     out = tmp_path / "run"
     train_cli(data_dir, out, max_iters=5, eval_interval=5)
