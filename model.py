@@ -409,10 +409,11 @@ class Transformer(nn.Module):
                 return
 
     @classmethod
-    def from_checkpoint(cls, ckpt, path="the checkpoint"):
-        """Build the model a checkpoint describes and load its weights (every key must match), or a one-line error."""
+    def from_checkpoint(cls, ckpt, path="the checkpoint", **changes):
+        """Build the model a checkpoint describes and load its weights (every key must match), or a one-line error.
+        changes: ModelArgs that the weights do not depend on, to differ from the checkpoint's (train.py: dropout)."""
         try:
-            model = cls(ModelArgs(**ckpt["model_args"]))
+            model = cls(ModelArgs(**{**ckpt["model_args"], **changes}))
             model.load_state_dict(ckpt["model"], strict=True)
         except (RuntimeError, ValueError, TypeError, KeyError) as e:
             detail = " ".join(str(e).split())  # load_state_dict names the keys over several lines
@@ -928,7 +929,10 @@ def pick_device(device="auto"):
     mps_ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    kind = device.split(":")[0]
+    try:
+        kind = torch.device(device).type  # "cpu:0" is a CPU, "cuda:x" no device at all
+    except RuntimeError:
+        kind = None
     if kind == "cuda" and not torch.cuda.is_available():
         fail(f"device '{device}' asked for, but PyTorch sees no CUDA GPU; use --device=cpu or --device=auto")
     if kind == "mps" and not mps_ok:

@@ -42,7 +42,7 @@ out_dir = "output"
 eval_interval = 2000  # evaluate and write out_dir/ckpt.pt every this many iterations (and at the end)
 log_interval = 1
 eval_iters = 100  # batches per split for each evaluation
-eval_only = False  # evaluate once and exit
+eval_only = False  # evaluate out_dir/ckpt.pt once, print the losses and exit; writes nothing
 keep_best = True  # also keep the model with the best val loss so far as out_dir/best.pt
 init_from = "auto"  # "scratch", "resume" (from out_dir/ckpt.pt) or "auto" (resume when ckpt.pt exists)
 wandb_log = False
@@ -725,6 +725,12 @@ def check_settings():
             fail(f"--{name} must be >= 1, not {globals()[name]}")
     if max_iters < 0 or learning_rate <= 0 or muon_lr <= 0 or min_lr < 0 or warmup_iters < 0:
         fail("max_iters, warmup_iters and min_lr must be >= 0, learning_rate and muon_lr > 0")
+    for name in ("beta1", "beta2"):  # (AdamW's own check would be a traceback, after the data is prepared)
+        if not 0 <= globals()[name] < 1:
+            fail(f"--{name} must be in [0, 1), not {globals()[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if globals()[name] < 0:
+            fail(f"--{name} must be >= 0 (0: off), not {globals()[name]}")
     if seed < 0:
         fail(f"--seed must be >= 0, not {seed}")
     if ddp_timeout <= 0:
@@ -739,6 +745,8 @@ def check_settings():
         fail(f"unknown optimizer '{optimizer}'; choose adamw or muon")
     if init_from not in ("scratch", "resume", "auto"):
         fail(f"unknown init_from '{init_from}'; choose scratch, resume or auto")
+    if eval_only and init_from == "scratch":
+        fail("--eval_only=True evaluates out_dir/ckpt.pt, not a new model; drop --init_from=scratch")
     try:
         model_args_from_settings()
     except ValueError as e:  # e.g. dim not divisible by n_heads
@@ -909,7 +917,7 @@ def start_processes():
             dist.init_process_group(backend="nccl", device_id=torch.device(dev), timeout=timeout)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
-            if dev == "cpu":
+            if torch.device(dev).type == "cpu":  # "cpu:0" too
                 agree_on_cpu_bf16()
         if rank != 0:  # one copy of every message: rank 0's (errors and warnings still go to stderr)
             sys.stdout = open(os.devnull, "w")
@@ -924,9 +932,10 @@ def batch_stream(split, tokenizer, on, state=None, stream_seed=None):
 
 
 def check_resumable(ckpt, path, model_args, tokenizer):
-    """A one-line error when the checkpoint cannot continue under these settings (another shape or tokenizer)."""
+    """A one-line error when the checkpoint cannot continue under these settings (another shape or tokenizer).
+    dropout may change: it is a regulariser, not part of the shape (the resumed model takes this run's)."""
     differs = {k: (v, getattr(model_args, k)) for k, v in ckpt["model_args"].items()
-               if getattr(model_args, k, None) != v}
+               if k != "dropout" and getattr(model_args, k, None) != v}
     if differs:
         detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differs.items())
         raise SystemExit(f"error: {path} was trained with another model shape ({detail}); resume with "
@@ -947,6 +956,8 @@ def restore(ckpt, path, optimizers, scaler, procs):
         scaler.load_state_dict(ckpt["scaler"])
     iter_num, best_val_loss, budget_iters = ckpt["iter_num"], ckpt["best_val_loss"], None
     if max_train_seconds > 0 and ckpt.get("budget_max_iters"):
+        if procs.master:
+            note_budget_kept(ckpt, path)
         max_iters = min(max_iters, ckpt["budget_max_iters"])  # the same schedule as before the stop
         budget_iters = max_iters
     saved = ckpt["data_state"]
@@ -964,9 +975,37 @@ def restore(ckpt, path, optimizers, scaler, procs):
     if procs.master:
         print(f"resuming from {path} at iteration {iter_num}")
         if iter_num >= max_iters and not eval_only:
+            further = (f"Raise --max_iters to train further, e.g. --max_iters={2 * iter_num}" if budget_iters is None
+                       else "Its time budget fixed max_iters, and a resumed run keeps it: to train further, turn the "
+                       f"budget off and raise max_iters, e.g. --max_train_seconds=0 --max_iters={2 * iter_num}")
             print(f"note: {path} is already at iteration {iter_num} and max_iters is {max_iters}: nothing to train. "
-                  f"Raise --max_iters to train further, e.g. --max_iters={2 * iter_num}", file=sys.stderr)
+                  + further, file=sys.stderr)
     return iter_num, best_val_loss, data_state, budget_iters
+
+
+def tokens_trained(ckpt):
+    """The tokens the checkpoint's model was trained on. Checkpoints from before that count was kept: iterations x
+    the tokens per iteration of the config they were written with (wrong only where an earlier resume changed it)."""
+    if ckpt.get("tokens") is not None:
+        return ckpt["tokens"]
+    config = ckpt.get("config", {})
+    return ckpt["iter_num"] * math.prod(config.get(k, globals()[k]) for k in ("gradient_accumulation_steps",
+                                                                               "batch_size", "max_seq_len"))
+
+
+def note_budget_kept(ckpt, path):
+    """A resumed run keeps the max_iters its time budget fixed (the same schedule as before the stop, so the resume
+    is exact): a note naming the --max_iters and --max_train_seconds this run was given for another schedule, which
+    it therefore does not use, and what does work. (A max_iters below the budget's does lower it.)"""
+    fixed, before = ckpt["budget_max_iters"], ckpt.get("config", {})
+    other_iters = max_iters > fixed and max_iters != before.get("max_iters")  # (not the cap the run had before)
+    unused = [f"--max_iters={max_iters}"] if other_iters else []
+    if max_train_seconds != before.get("max_train_seconds"):
+        unused.append(f"--max_train_seconds={max_train_seconds:g}")
+    if unused:
+        print(f"note: {' and '.join(unused)} not used: {path}'s time budget fixed max_iters at {fixed}, and a resumed "
+              "run keeps that schedule. To train to another max_iters, turn the budget off: --max_train_seconds=0 "
+              f"--max_iters={max_iters if other_iters else 2 * fixed}", file=sys.stderr)
 
 
 def note_eval_windows(tokenizer, procs):
@@ -1020,9 +1059,10 @@ class Checkpoints:
     """Writes ckpt.pt (and best.pt): the model, the optimizers and everything a bitwise resume needs. What is fixed
     for the run is given once; the state that changes as training goes is passed to write()."""
 
-    def __init__(self, model, model_args, optimizers, scaler, tokenizer, config, procs, precision):
+    def __init__(self, model, model_args, optimizers, scaler, tokenizer, config, procs, precision, tokens_at):
         self.model, self.model_args, self.optimizers, self.scaler = model, model_args, optimizers, scaler
         self.tokenizer, self.config, self.procs, self.precision = tokenizer, config, procs, precision
+        self.tokens_at = tokens_at  # iteration -> tokens trained on by then
 
     def write(self, paths, iter_num, best_val_loss, budget_iters, data_state):
         """The state at iteration iter_num, to each of paths (built and gathered once); data_state: this process's
@@ -1041,6 +1081,7 @@ class Checkpoints:
                                data_state={"world_size": self.procs.world_size, "ranks": data_states},
                                tokenizer=self.tokenizer.model_bytes, budget_max_iters=budget_iters,
                                precision=self.precision)
+        ckpt["tokens"] = self.tokens_at(iter_num)
         for path in paths:
             save_checkpoint(ckpt, path)
 
@@ -1079,9 +1120,9 @@ class LogLines:
     MFU and the time left. Lines are timed by when the loop reads the step's results, which is when the step ended;
     evaluations and checkpoints do not count (pause()). metrics: rank 0's Metrics, None on the other ranks."""
 
-    def __init__(self, model, tokens_per_iter, rows_per_iter, resume_iter, metrics):
+    def __init__(self, model, tokens_per_iter, rows_per_iter, resume_iter, metrics, tokens_at):
         self.model, self.tokens_per_iter, self.rows_per_iter = model, tokens_per_iter, rows_per_iter
-        self.resume_iter, self.metrics = resume_iter, metrics
+        self.resume_iter, self.metrics, self.tokens_at = resume_iter, metrics, tokens_at
         self.t_last, self.ms_per_iter = time.time(), None
         self.logged_at = resume_iter  # the iteration of the last line
 
@@ -1108,7 +1149,7 @@ class LogLines:
               f"{ms:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | mfu {mfu * 100:.1f}%" if not math.isnan(mfu) else "")
               + (f" | {n_skipped} non-finite steps skipped" if n_skipped else "") + f" | eta {eta / 60:.1f} min",
               flush=True)
-        self.metrics.record({"iter": it, "tokens": it * self.tokens_per_iter, "loss": r["loss"], "lr": lr,
+        self.metrics.record({"iter": it, "tokens": self.tokens_at(it), "loss": r["loss"], "lr": lr,
                              "grad_norm": r["grad_norm"], "ms": ms, "tok_per_s": tok_per_s,
                              "mfu": None if math.isnan(mfu) else mfu, "skipped": n_skipped})
 
@@ -1157,7 +1198,10 @@ def train():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "resume" and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=auto or scratch")
-    if master:
+    if eval_only and not os.path.exists(ckpt_path):  # a random model's loss would be no answer
+        raise SystemExit(f"error: --eval_only=True evaluates {ckpt_path}, which does not exist; point --out_dir at "
+                         "the folder of a trained run")
+    if master and not eval_only:  # (eval_only writes nothing in out_dir, so it may run beside the run training there)
         claim_out_dir()  # before any work: a second run on this out_dir stops here
     torch.manual_seed(seed + procs.rank)
     if device_type == "cuda":
@@ -1181,14 +1225,22 @@ def train():
         if dtype == "auto" and ckpt.get("precision", {}).get("device_type") == device_type:
             dtype_name = ckpt["precision"]["dtype"]  # what "auto" chose then (on a CPU a measurement): bitwise resume
             dtype_why = " (auto: as the checkpoint was trained)"
-    model = Transformer.from_checkpoint(ckpt, ckpt_path) if ckpt is not None else Transformer(model_args)
+    model = (Transformer.from_checkpoint(ckpt, ckpt_path, dropout=dropout) if ckpt is not None
+             else Transformer(model_args))
     model.to(dev)
     optimizers = build_optimizers(model, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     iter_num, best_val_loss, data_state, budget_iters = (restore(ckpt, ckpt_path, optimizers, scaler, procs)
                                                          if ckpt is not None else (0, float("inf"), None, None))
+    # the tokens trained on by iteration it count on from the checkpoint's total: the runs before this one may have
+    # taken other numbers of tokens per iteration
+    tokens_before = tokens_trained(ckpt) if ckpt is not None else 0
     del ckpt
     resume_iter = iter_num
+
+    def tokens_at(it):
+        return tokens_before + (it - resume_iter) * tokens_per_iter
+
     if master:
         note_eval_windows(tokenizer, procs)
 
@@ -1209,8 +1261,8 @@ def train():
 
     # ---- checkpoints, metrics, the banner
     checkpoints = Checkpoints(model, model_args, optimizers, scaler, tokenizer, config, procs,
-                              precision={"device_type": device_type, "dtype": dtype_name})
-    metrics = Metrics(resuming, resume_iter, config) if master else None
+                              precision={"device_type": device_type, "dtype": dtype_name}, tokens_at=tokens_at)
+    metrics = Metrics(resuming, resume_iter, config) if master and not eval_only else None
     if master:
         n = model.num_params()
         print(f"model: {n / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M without "
@@ -1228,7 +1280,7 @@ def train():
     stop = StopRequest()
     train_batches_state = train_batches.state_dict()  # the state that yields the next batch
     results = Results(stepper, stepper.capture, ddp, ddp_timeout)
-    log = LogLines(model, tokens_per_iter, batch_size * accum, resume_iter, metrics)
+    log = LogLines(model, tokens_per_iter, batch_size * accum, resume_iter, metrics, tokens_at)
     stopped = False
     saved_iter = resume_iter if resuming else None  # the iteration out_dir/ckpt.pt holds
     # the last evaluation's iteration: a resumed run does not repeat the one its checkpoint was written after
@@ -1282,13 +1334,16 @@ def train():
             if master:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val {val_bpb:.4f} bits/byte")
-                metrics.record({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+            if master and not eval_only:  # eval_only reports; the run's metrics and plot are its training's
+                metrics.record({"iter": iter_num, "tokens": tokens_at(iter_num), "train_loss": losses["train"],
                                 "val_loss": losses["val"], "val_bpb": val_bpb})
                 plot_losses(metrics.history, os.path.join(out_dir, "loss.png"))
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0 and not eval_only:
-                paths = [ckpt_path] + ([os.path.join(out_dir, "best.pt")] if improved and keep_best else [])
+                # best.pt first: killed between the two writes, ckpt.pt must not be left with a best_val_loss that
+                # best.pt does not hold (later evaluations between the two losses would then never update best.pt)
+                paths = ([os.path.join(out_dir, "best.pt")] if improved and keep_best else []) + [ckpt_path]
                 checkpoints.write(paths, iter_num, best_val_loss, budget_iters, train_batches_state)
                 saved_iter = iter_num
             evaluated_at = iter_num

@@ -298,10 +298,31 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previous_
                        cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(100_000))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: could not write {out / 'ckpt.pt'} (File too large)"), last
+    # (best.pt when the evaluation improved: it is written first)
+    assert re.match(rf"error: could not write {re.escape(str(out))}/(best|ckpt)\.pt \(File too large\)", last), last
     assert "the previous checkpoint there, if any, is unchanged" in last
     assert (out / "ckpt.pt").read_bytes() == before
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_killed_between_checkpoint_writes_best_pt_holds_the_best_ckpt_pt_claims(data_dir, tmp_path, monkeypatch):
+    """An improving evaluation writes best.pt and ckpt.pt; a run killed between the two must not leave ckpt.pt's
+    best_val_loss lower than the loss of the model in best.pt."""
+    class Killed(BaseException):
+        pass
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(ckpt, path):
+        real_save(ckpt, path)
+        if ckpt["iter_num"] == 20:
+            raise Killed
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        in_process_train(data_dir, out, monkeypatch, max_iters=20, eval_interval=10)
+    best, ckpt = load_checkpoint(out / "best.pt"), load_checkpoint(out / "ckpt.pt")
+    assert best["iter_num"] == 20 and ckpt["iter_num"] == 10  # the loss improved at 20: best.pt was written first
+    assert best["best_val_loss"] <= ckpt["best_val_loss"]
 
 
 def in_process_train(data_dir, out_dir, monkeypatch, **extra):
@@ -385,6 +406,7 @@ def test_bad_settings_are_one_line_errors(data_dir, tmp_path, monkeypatch, capsy
     # holds no data, so a check made only after data preparation fails with another message)
     cases = [
         (dict(device="cuda"), "no CUDA GPU") if not torch.cuda.is_available() else (dict(device="tpu"), "device"),
+        (dict(device="cpu:x"), "unknown device 'cpu:x'"),
         (dict(optimizer="sgd"), "choose adamw or muon"),
         (dict(compile=1), "--compile must be True, False or None"),
         (dict(eval_interval=0), "--eval_interval must be >= 1"),
@@ -393,6 +415,10 @@ def test_bad_settings_are_one_line_errors(data_dir, tmp_path, monkeypatch, capsy
         (dict(n_kv_heads=3), "n_heads (4) must be divisible by n_kv_heads (3)"),
         (dict(dropout=1.0), "dropout must be in [0, 1)"),
         (dict(seed=-1), "--seed must be >= 0"),
+        (dict(beta2=1.5), "--beta2 must be in [0, 1), not 1.5"),
+        (dict(beta1=-0.1), "--beta1 must be in [0, 1), not -0.1"),
+        (dict(weight_decay=-0.1), "--weight_decay must be >= 0 (0: off), not -0.1"),
+        (dict(grad_clip=-1.0), "--grad_clip must be >= 0 (0: off), not -1.0"),
         (dict(wandb_log=True), "pip install wandb"),
         (dict(out_dir=""), "--out_dir is empty"),
         (dict(out_dir=a_file), "exists and is not a directory"),
@@ -443,6 +469,31 @@ def test_fresh_start_keeps_the_earlier_run(data_dir, tmp_path):
     assert {n: open(os.path.join(kept[0], n), "rb").read() for n in old} == old  # nothing of it lost
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 2 and [m["iter"] for m in metrics(out)][-1] == 2
     assert [m["iter"] for m in metrics(out)][0] == 0  # the new run's metrics start afresh
+
+
+def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, max_iters=4, eval_interval=2)
+
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir()}
+    before = files()
+    r = train_cli(data_dir, out, eval_only=True)  # the checkpoint's losses; metrics.jsonl gets no record of them
+    assert re.search(r"^iter 4: train loss [0-9.]+, val loss [0-9.]+, val [0-9.]+ bits/byte$", r.stdout, re.M)
+    assert files() == before
+    # no checkpoint: a one-line error, where a random model's loss was reported and the earlier run moved aside
+    (out / "ckpt.pt").rename(tmp_path / "ckpt.pt")
+    before = files()
+    for where in (out, tmp_path / "typo"):
+        with pytest.raises(SystemExit) as e:
+            in_process_train(data_dir, where, monkeypatch, eval_only=True)
+        assert e.value.code == f"error: --eval_only=True evaluates {where / 'ckpt.pt'}, which does not exist; " \
+                               "point --out_dir at the folder of a trained run"
+    assert "val loss" not in capsys.readouterr().out
+    assert files() == before and not (tmp_path / "typo").exists()
+    with pytest.raises(SystemExit) as e:
+        in_process_train(data_dir, out, monkeypatch, eval_only=True, init_from="scratch")
+    assert e.value.code == 2 and "drop --init_from=scratch" in capsys.readouterr().err and files() == before
 
 
 def test_second_run_on_a_busy_out_dir_is_refused(data_dir, tmp_path):
@@ -528,6 +579,39 @@ def test_resume_takes_new_hyperparameters_but_refuses_another_optimizer(data_dir
     assert groups[0]["weight_decay"] == 0.5
     r = run(["train.py", *settings(data_dir, out, optimizer="muon", max_iters=30, **common)], ROOT)
     assert r.returncode != 0 and "holds the state of another optimizer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_takes_another_dropout(data_dir, tmp_path, monkeypatch):
+    """dropout is a regulariser, not a shape: a resumed run may change it (as nanoGPT's may), trains with the new
+    value and records it."""
+    first = tmp_path / "first"
+    in_process_train(data_dir, first, monkeypatch, max_iters=10, eval_interval=10, dropout=0.0)
+    weights = {}
+    for p in (0.0, 0.3):
+        out = tmp_path / f"dropout{p}"
+        shutil.copytree(first, out)
+        in_process_train(data_dir, out, monkeypatch, max_iters=20, eval_interval=10, dropout=p)
+        ckpt = load_checkpoint(out / "ckpt.pt")
+        assert ckpt["iter_num"] == 20 and ckpt["model_args"]["dropout"] == p
+        weights[p] = ckpt["model"]
+    assert any(not torch.equal(t, weights[0.3][k]) for k, t in weights[0.0].items())  # 0.3 took effect
+
+
+def test_tokens_count_on_across_a_resume_with_another_batch_size(data_dir, tmp_path, monkeypatch):
+    """metrics.jsonl's tokens after a resume with twice the batch: 40 x 256 tokens, then 512 per iteration. A
+    checkpoint without the count (older ones) counts its iterations at its config's tokens per iteration."""
+    out = tmp_path / "run"
+    in_process_train(data_dir, out, monkeypatch, max_iters=40, eval_interval=40)
+    old = tmp_path / "old"  # the same checkpoint without the count, as earlier versions wrote it
+    shutil.copytree(out, old)
+    ckpt = load_checkpoint(old / "ckpt.pt")
+    ckpt.pop("tokens", None)
+    save_checkpoint(ckpt, old / "ckpt.pt")
+    for run_dir in (out, old):
+        in_process_train(data_dir, run_dir, monkeypatch, max_iters=50, eval_interval=10, batch_size=8)
+        tokens = {m["iter"]: m["tokens"] for m in metrics(run_dir)}
+        assert tokens[40] == 40 * 256 and tokens[45] == 40 * 256 + 5 * 512 and tokens[50] == 40 * 256 + 10 * 512
+        assert load_checkpoint(run_dir / "ckpt.pt")["tokens"] == 40 * 256 + 10 * 512
 
 
 def test_resume_refuses_another_tokenizer(data_dir, tmp_path):
@@ -677,10 +761,12 @@ dist.destroy_process_group()
     assert "rank 0:" in r.stdout and "rank 1:" in r.stdout and "buckets = 1 bucket" in r.stdout
 
 
-def test_torchrun_processes_take_rank_0s_bf16_verdict(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cpu:0"])
+def test_torchrun_processes_take_rank_0s_bf16_verdict(tmp_path, device):
     """Under torchrun on a CPU, whether bfloat16 is fast (dtype="auto"'s training dtype, Muon's Newton-Schulz
     precision) is rank 0's measurement for every process: here the two ranks' measurements disagree (as they may
-    near the threshold), and after start_processes both take rank 0's, rank 1 without measuring."""
+    near the threshold), and after start_processes both take rank 0's, rank 1 without measuring. (--device=cpu:0
+    is a CPU too.)"""
     script = tmp_path / "verdict.py"
     script.write_text(f"""
 import os, sys
@@ -694,7 +780,7 @@ def measurement():  # bfloat16 wins on rank 0, loses on rank 1
     return rank == 0
 model._cpu_bf16_matmul_wins = measurement
 torch.cpu._is_avx512_bf16_supported = lambda: True  # (so that the measurement decides, on any CPU)
-train.device, train.gradient_accumulation_steps = "cpu", 2
+train.device, train.gradient_accumulation_steps = {device!r}, 2
 train.start_processes()
 muon = model.Muon([torch.nn.Parameter(torch.ones(4, 4))])
 muon.param_groups[0]["params"][0].grad = torch.ones(4, 4)
@@ -1021,6 +1107,32 @@ def test_budget_fixes_max_iters_and_resume_continues_it(data_dir, tmp_path):
     assert a["iter_num"] == b["iter_num"] == chosen and metrics(out)[-1]["iter"] == chosen
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_resume_after_a_budget_says_what_trains_further(data_dir, tmp_path, monkeypatch, capsys):
+    """A resumed budgeted run keeps the max_iters its budget fixed: the notes name what does train further (and
+    that does), and say so when --max_iters or --max_train_seconds would have asked for another schedule."""
+    out = tmp_path / "run"
+    in_process_train(data_dir, out, monkeypatch, max_iters=10, eval_interval=10)
+    ckpt = load_checkpoint(out / "ckpt.pt")  # as if a 30 s budget had fixed max_iters at 10, under a cap of 100000
+    ckpt["budget_max_iters"] = 10
+    ckpt["config"].update(max_iters=100000, max_train_seconds=30.0)
+    save_checkpoint(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+
+    def resume(**extra):
+        in_process_train(data_dir, out, monkeypatch, **{"max_iters": 100000, "max_train_seconds": 30.0, **extra})
+        assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 10  # nothing trained
+        return capsys.readouterr().err
+    err = resume()
+    assert "nothing to train" in err and "e.g. --max_train_seconds=0 --max_iters=20" in err and "not used" not in err
+    for extra, unused in ((dict(max_iters=20), "--max_iters=20"), (dict(max_train_seconds=60.0),
+                                                                   "--max_train_seconds=60")):
+        err = resume(**extra)
+        assert f"note: {unused} not used: {out / 'ckpt.pt'}'s time budget fixed max_iters at 10" in err, err
+        assert "turn the budget off: --max_train_seconds=0 --max_iters=20" in err
+    in_process_train(data_dir, out, monkeypatch, max_iters=20, max_train_seconds=0.0)  # the advice works
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 20
 
 
 def test_resume_keeps_the_precision_auto_chose(data_dir, tmp_path):
