@@ -1372,6 +1372,16 @@ def train():
     release_out_dir()
 
 
+def first_line(error):
+    """The gist of an exception's message, for a one-line error."""
+    return str(error).splitlines()[0].split(". ")[0][:200] if str(error) else type(error).__name__
+
+
+def last_checkpoint():
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    return f"{ckpt} holds the last checkpoint" if os.path.exists(ckpt) else "no checkpoint was written yet"
+
+
 if __name__ == "__main__":
     sys.stdout, sys.stderr = (DropWhenUnread(s) if s is not None else s for s in (sys.stdout, sys.stderr))
     configure(globals(), sys.argv[1:])
@@ -1380,13 +1390,15 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before the loop's own handler is in place (data preparation, compilation)
         print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
+    except torch.OutOfMemoryError as e:  # (a RuntimeError too: caught first, as no other process was lost)
+        rank = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
+        raise SystemExit(f"error: {rank}out of GPU memory ({first_line(e)}); lower --batch_size and raise "
+                         "--gradient_accumulation_steps by the same factor (the same tokens per iteration), or "
+                         f"shorten --max_seq_len. {last_checkpoint()}") from None
     except (dist.DistError, RuntimeError) as e:
         if not dist.is_initialized() or dist.get_world_size() < 2:
             raise
         # a collective failed: another process died (its connection closed) or hung past ddp_timeout
-        ckpt = os.path.join(out_dir, "ckpt.pt")
-        saved = f"{ckpt} holds the last checkpoint" if os.path.exists(ckpt) else "no checkpoint was written yet"
-        cause = str(e).splitlines()[0].split(". ")[0][:200]
-        raise SystemExit(f"error: rank {dist.get_rank()}: lost the other processes ({cause}); stopping. {saved}; "
-                         "find why a process died or hung (its own messages above), then run the same torchrun "
-                         "command again to resume") from None
+        raise SystemExit(f"error: rank {dist.get_rank()}: lost the other processes ({first_line(e)}); stopping. "
+                         f"{last_checkpoint()}; find why a process died or hung (its own messages above), then run "
+                         "the same torchrun command again to resume") from None

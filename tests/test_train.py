@@ -270,6 +270,35 @@ def test_ctrl_c_with_stdout_into_a_pipe_whose_reader_has_gone_still_saves(data_d
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] >= 3
 
 
+def test_out_of_gpu_memory_is_a_one_line_error_that_names_the_fix(data_dir, tmp_path):
+    """A batch too large for the GPU: train.py as the command line runs it (its __main__), with the forward pass
+    failing as CUDA's allocator does after the first checkpoint. One line saying what to change, exit 1, and the
+    checkpoint kept (not "lost the other processes", which it said under torchrun, where this is a RuntimeError too)."""
+    out = tmp_path / "run"
+    script = tmp_path / "oom.py"
+    script.write_text(f"""
+import runpy, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import model
+forward, calls = model.Transformer.forward, []
+def forward_until_oom(self, *args, **kwargs):
+    calls.append(1)
+    if self.training and len(calls) > 60:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.5 GiB free")
+    return forward(self, *args, **kwargs)
+model.Transformer.forward = forward_until_oom
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")
+""")
+    r = run([str(script), *settings(data_dir, out, max_iters=100, eval_interval=10, eval_iters=2)], ROOT)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == (
+        "error: out of GPU memory (CUDA out of memory); lower --batch_size and raise --gradient_accumulation_steps "
+        "by the same factor (the same tokens per iteration), or shorten --max_seq_len. "
+        f"{out / 'ckpt.pt'} holds the last checkpoint"), r.stderr
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] >= 10
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16))
     from model import checkpoint_dict
