@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -696,6 +697,10 @@ class DropWhenUnread:
             self.drop()
             return len(text)
 
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
     def flush(self):
         try:
             self.stream.flush()
@@ -917,7 +922,7 @@ def start_processes():
             dist.init_process_group(backend="nccl", device_id=torch.device(dev), timeout=timeout)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
-            if torch.device(dev).type == "cpu":  # "cpu:0" too
+            if torch.device(dev).type == "cpu" and (dtype == "auto" or optimizer == "muon"):  # (who reads it)
                 agree_on_cpu_bf16()
         if rank != 0:  # one copy of every message: rank 0's (errors and warnings still go to stderr)
             sys.stdout = open(os.devnull, "w")
@@ -938,12 +943,14 @@ def check_resumable(ckpt, path, model_args, tokenizer):
                if k != "dropout" and getattr(model_args, k, None) != v}
     if differs:
         detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differs.items())
-        raise SystemExit(f"error: {path} was trained with another model shape ({detail}); resume with "
-                         f"the settings it was trained with, or {FRESH_START_CHOICES}")
+        raise SystemExit(f"error: {path} was trained with another model shape ({detail}); "
+                         + ("evaluate it with the settings it was trained with" if eval_only else
+                            f"resume with the settings it was trained with, or {FRESH_START_CHOICES}"))
     if bytes(ckpt["tokenizer"]) != tokenizer.model_bytes:
         raise SystemExit(f"error: {path} was trained with another tokenizer than {tokenizer.path} (same "
-                         f"vocab_size, different pieces); resume with the data it was trained on, or "
-                         f"{FRESH_START_CHOICES}")
+                         "vocab_size, different pieces); "
+                         + ("evaluate it on the data it was trained on" if eval_only else
+                            f"resume with the data it was trained on, or {FRESH_START_CHOICES}"))
 
 
 def restore(ckpt, path, optimizers, scaler, procs):
@@ -956,7 +963,7 @@ def restore(ckpt, path, optimizers, scaler, procs):
         scaler.load_state_dict(ckpt["scaler"])
     iter_num, best_val_loss, budget_iters = ckpt["iter_num"], ckpt["best_val_loss"], None
     if max_train_seconds > 0 and ckpt.get("budget_max_iters"):
-        if procs.master:
+        if procs.master and not eval_only:
             note_budget_kept(ckpt, path)
         max_iters = min(max_iters, ckpt["budget_max_iters"])  # the same schedule as before the stop
         budget_iters = max_iters
@@ -1080,8 +1087,7 @@ class Checkpoints:
                                iter_num=iter_num, best_val_loss=best_val_loss, config=self.config, rng=rngs,
                                data_state={"world_size": self.procs.world_size, "ranks": data_states},
                                tokenizer=self.tokenizer.model_bytes, budget_max_iters=budget_iters,
-                               precision=self.precision)
-        ckpt["tokens"] = self.tokens_at(iter_num)
+                               precision=self.precision, tokens=self.tokens_at(iter_num))
         for path in paths:
             save_checkpoint(ckpt, path)
 
@@ -1189,18 +1195,18 @@ def train():
     # ---- processes, device, precision, out_dir
     procs = start_processes()
     ddp, master, dev, world_size = procs.ddp, procs.master, procs.dev, procs.world_size
-    device_type = dev.split(":")[0]
+    device_type = torch.device(dev).type
     dtype_name = pick_dtype(dtype, dev, training=True)
     dtype_why = (" (auto: this CPU multiplies bfloat16 fast; --dtype=float32 to train in float32)"
                  if device_type == "cpu" and dtype == "auto" and dtype_name == "bfloat16" else "")
     accum = gradient_accumulation_steps // world_size
     tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if init_from == "resume" and not os.path.exists(ckpt_path):
-        raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=auto or scratch")
     if eval_only and not os.path.exists(ckpt_path):  # a random model's loss would be no answer
         raise SystemExit(f"error: --eval_only=True evaluates {ckpt_path}, which does not exist; point --out_dir at "
                          "the folder of a trained run")
+    if init_from == "resume" and not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=auto or scratch")
     if master and not eval_only:  # (eval_only writes nothing in out_dir, so it may run beside the run training there)
         claim_out_dir()  # before any work: a second run on this out_dir stops here
     torch.manual_seed(seed + procs.rank)
@@ -1372,6 +1378,13 @@ def train():
     release_out_dir()
 
 
+def out_of_memory(error):
+    """Whether error is an allocation that failed: CUDA's torch.OutOfMemoryError, or the RuntimeError the CPU's
+    (or MPS's) allocator raises."""
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        words in str(error) for words in ("out of memory", "can't allocate memory"))
+
+
 def first_line(error):
     """The gist of an exception's message, for a one-line error."""
     return str(error).splitlines()[0].split(". ")[0][:200] if str(error) else type(error).__name__
@@ -1390,12 +1403,13 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before the loop's own handler is in place (data preparation, compilation)
         print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
-    except torch.OutOfMemoryError as e:  # (a RuntimeError too: caught first, as no other process was lost)
-        rank = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
-        raise SystemExit(f"error: {rank}out of GPU memory ({first_line(e)}); lower --batch_size and raise "
-                         "--gradient_accumulation_steps by the same factor (the same tokens per iteration), or "
-                         f"shorten --max_seq_len. {last_checkpoint()}") from None
     except (dist.DistError, RuntimeError) as e:
+        if out_of_memory(e):  # this process's own failure (under torchrun too: no other process was lost)
+            rank = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
+            cause = next((part for part in re.split(r"\. |: ", str(e)) if "memory" in part), first_line(e))
+            raise SystemExit(f"error: {rank}out of memory ({cause}); lower --batch_size and raise "
+                             "--gradient_accumulation_steps by the same factor (the same tokens per iteration), or "
+                             f"shorten --max_seq_len (a new model: a new --out_dir). {last_checkpoint()}") from None
         if not dist.is_initialized() or dist.get_world_size() < 2:
             raise
         # a collective failed: another process died (its connection closed) or hung past ddp_timeout

@@ -270,10 +270,15 @@ def test_ctrl_c_with_stdout_into_a_pipe_whose_reader_has_gone_still_saves(data_d
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] >= 3
 
 
-def test_out_of_gpu_memory_is_a_one_line_error_that_names_the_fix(data_dir, tmp_path):
-    """A batch too large for the GPU: train.py as the command line runs it (its __main__), with the forward pass
-    failing as CUDA's allocator does after the first checkpoint. One line saying what to change, exit 1, and the
-    checkpoint kept (not "lost the other processes", which it said under torchrun, where this is a RuntimeError too)."""
+@pytest.mark.parametrize("error, cause", [
+    ('torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.5 GiB free")',
+     "CUDA out of memory"),
+    ('RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can\'t allocate memory: you '
+     'tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")', "can't allocate memory")])
+def test_out_of_memory_is_a_one_line_error_that_names_the_fix(data_dir, tmp_path, error, cause):
+    """A batch too large for the memory: train.py as the command line runs it (its __main__), with the forward pass
+    failing as CUDA's or the CPU's allocator does after the first checkpoint. One line saying what to change, exit 1,
+    and the checkpoint kept (not "lost the other processes", as under torchrun, where both are RuntimeErrors)."""
     out = tmp_path / "run"
     script = tmp_path / "oom.py"
     script.write_text(f"""
@@ -284,7 +289,7 @@ forward, calls = model.Transformer.forward, []
 def forward_until_oom(self, *args, **kwargs):
     calls.append(1)
     if self.training and len(calls) > 60:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.5 GiB free")
+        raise {error}
     return forward(self, *args, **kwargs)
 model.Transformer.forward = forward_until_oom
 sys.argv = ["train.py"] + sys.argv[1:]
@@ -293,8 +298,8 @@ runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")
     r = run([str(script), *settings(data_dir, out, max_iters=100, eval_interval=10, eval_iters=2)], ROOT)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == (
-        "error: out of GPU memory (CUDA out of memory); lower --batch_size and raise --gradient_accumulation_steps "
-        "by the same factor (the same tokens per iteration), or shorten --max_seq_len. "
+        f"error: out of memory ({cause}); lower --batch_size and raise --gradient_accumulation_steps "
+        "by the same factor (the same tokens per iteration), or shorten --max_seq_len (a new model: a new --out_dir). "
         f"{out / 'ckpt.pt'} holds the last checkpoint"), r.stderr
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] >= 10
 
@@ -513,9 +518,9 @@ def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(data_dir, tmp_pat
     # no checkpoint: a one-line error, where a random model's loss was reported and the earlier run moved aside
     (out / "ckpt.pt").rename(tmp_path / "ckpt.pt")
     before = files()
-    for where in (out, tmp_path / "typo"):
+    for where, extra in ((out, {}), (tmp_path / "typo", {}), (out, dict(init_from="resume"))):
         with pytest.raises(SystemExit) as e:
-            in_process_train(data_dir, where, monkeypatch, eval_only=True)
+            in_process_train(data_dir, where, monkeypatch, eval_only=True, **extra)
         assert e.value.code == f"error: --eval_only=True evaluates {where / 'ckpt.pt'}, which does not exist; " \
                                "point --out_dir at the folder of a trained run"
     assert "val loss" not in capsys.readouterr().out
@@ -523,6 +528,12 @@ def test_eval_only_evaluates_the_checkpoint_and_writes_nothing(data_dir, tmp_pat
     with pytest.raises(SystemExit) as e:
         in_process_train(data_dir, out, monkeypatch, eval_only=True, init_from="scratch")
     assert e.value.code == 2 and "drop --init_from=scratch" in capsys.readouterr().err and files() == before
+    # settings of another shape: evaluate with the run's own (not --init_from=scratch, which eval_only refuses)
+    (tmp_path / "ckpt.pt").rename(out / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        in_process_train(data_dir, out, monkeypatch, eval_only=True, dim=48)
+    assert "(dim: checkpoint 32 vs config 48" in e.value.code
+    assert e.value.code.endswith("); evaluate it with the settings it was trained with"), e.value.code
 
 
 def test_second_run_on_a_busy_out_dir_is_refused(data_dir, tmp_path):
