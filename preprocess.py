@@ -144,7 +144,11 @@ def atomic_write(path, content):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write() names no file; the message should
         if f.error is not None and isinstance(e, Exception) and not isinstance(e, OSError):
+            if f.error.filename is None:
+                f.error.filename = str(path)
             raise f.error from None
         raise
     try:  # fsync the directory so the rename itself survives a power cut (POSIX; Windows cannot open a directory)
@@ -155,6 +159,20 @@ def atomic_write(path, content):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _check_out_dir(path, fix):
+    """Refuse, before any long work, a folder that cannot be made or written: the nearest existing one of path and
+    its parents must be a writable directory. fix names the option to change in the message."""
+    probe = path
+    while probe and not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    probe = probe or "."
+    if not os.path.isdir(probe):
+        inside = "" if probe == path else f", so {path} cannot be made inside it"
+        raise DataError(f"{probe} is a file, not a folder{inside}; {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(f"{probe}: no permission to write there; {fix}")
 
 
 def _write_json_atomic(path, obj):
@@ -194,6 +212,9 @@ def expand_inputs(specs):
             else:
                 found = [m]
             for f in found:
+                if not os.path.exists(f):  # a symbolic link whose target is gone: say so, not a stat() traceback
+                    raise DataError(f"--input: {f} is a broken symbolic link (to {os.readlink(f)}); "
+                                    "restore its target or remove the link")
                 files.setdefault(os.path.realpath(f), f)
     if not files:
         raise DataError(f"no .txt, .jsonl or .json files in {' '.join(map(str, specs))}")
@@ -578,6 +599,8 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
                         "checkpoint trained on them (they could not resume on re-made shards). Write it elsewhere "
                         "(another --data_dir or --model_out), or pass --overwrite (then pretokenize again)")
 
+    _check_out_dir(os.path.dirname(model_out) or ".", "pass another --data_dir (or --model_out)")
+
     # A bounded sample, chosen by a hash of each document so it spreads evenly over the corpus and is the same every
     # run; it stays in memory (sample_bytes at most) and reaches sentencepiece through sentence_iterator, which lets
     # documents keep their newlines (so "\n" and "\n\n" become pieces instead of byte fallbacks).
@@ -747,6 +770,8 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
         print(f"{shard_dir} is up to date ({old['splits']['train']['tokens']:,} train / "
               f"{old['splits']['val']['tokens']:,} val tokens from {old['source']}); nothing to do")
         return shard_dir
+
+    _check_out_dir(data_dir, "pass another --data_dir")
 
     # everything is written to a .partial folder that replaces shard_dir only when complete
     partial = shard_dir + ".partial"
@@ -1073,6 +1098,12 @@ def main(argv=None):
         _run(args)
     except DataError as e:
         raise SystemExit(f"preprocess.py {args.verb}: {e}") from None
+    except OSError as e:  # a file that cannot be read or written (permissions, a full disk, a file for a folder)
+        where = f"{e.filename}: " if e.filename else ""
+        full = e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+        fix = "free some disk space" if full else "fix that"
+        raise SystemExit(f"preprocess.py {args.verb}: {where}{e.strerror or e}; {fix} and run the same command "
+                         "again") from None
     except KeyboardInterrupt:
         raise SystemExit(f"preprocess.py {args.verb}: interrupted; run the same command again") from None
 

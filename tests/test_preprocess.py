@@ -859,3 +859,30 @@ def test_cli_end_to_end_and_errors(built, tmp_path):
     proc = cli("frobnicate")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(data)) == ["raw", "tok380", "tok380.model", "tok380.model.json", "tok380.vocab"]
+
+
+def test_cli_file_errors_are_one_line(built, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    corpus = built["corpus_dir"] / "plays.txt"
+    # a file where the output folder goes: refused before the tokenizer is trained, and the file is left alone
+    proc = cli("train_vocab", f"--vocab_size={VOCAB}", "--input", corpus, "--data_dir", afile)
+    assert_clean_failure(proc, f"{afile} is a file, not a folder", "--data_dir")
+    assert "training" not in proc.stdout
+    proc = cli("pretokenize", "--tokenizer", built["model"], "--input", corpus, "--data_dir", afile)
+    assert_clean_failure(proc, f"{afile} is a file, not a folder", "--data_dir")
+    assert afile.read_text() == "not a folder"
+    # a broken symbolic link, named explicitly or found in a directory
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "ok.txt").write_text("some text")
+    (links / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    for spec in (links, links / "gone.txt"):
+        assert_clean_failure(cli("train_vocab", f"--vocab_size={VOCAB}", "--input", spec, "--data_dir", tmp_path / "d"),
+                             f"{links / 'gone.txt'} is a broken symbolic link", "remove the link")
+    # a full disk while the tokenizer is written
+    data = tmp_path / "full"
+    proc = cli("train_vocab", f"--vocab_size={VOCAB}", "--input", built["corpus_dir"], "--data_dir", data,
+               preexec_fn=limited_file_size(2000))
+    assert_clean_failure(proc, f"{data / f'tok{VOCAB}.model'}: File too large", "free some disk space")
+    assert os.listdir(data) == []
