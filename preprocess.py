@@ -315,14 +315,26 @@ class Corpus:
     # --- JSON
     def _pick_text(self, obj, where):
         if isinstance(obj, str) and self.text_field is None:
-            return obj.strip()
+            return self._no_surrogates(obj, where).strip()
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with a text field")
         field = self.text_field or ("text" if "text" in obj else "story")
         if not isinstance(obj.get(field), str):
             hint = f'no string field "{field}"' if self.text_field else 'no string field "text" or "story"'
             raise DataError(f"{where}: {hint}; name the field with --text_field")
-        return obj[field].strip()
+        return self._no_surrogates(obj[field], where).strip()
+
+    def _no_surrogates(self, text, where):
+        """JSON can escape half of a surrogate pair alone ("\\ud83d"): valid JSON, but no character, so it cannot
+        be encoded (UTF-8, sentencepiece). Refused as a bad byte is, or under --errors=replace read as U+FFFD."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            if self.errors == "strict":
+                raise DataError(f"{where}: a lone surrogate escape (\\u{ord(text[e.start]):04x}) in the text, which "
+                                "is no character; fix the text or pass --errors=replace") from None
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # valid pairs are kept
+        return text
 
     def _jsonl(self, path):
         for lineno, line in enumerate(self._lines(path), 1):
@@ -1036,7 +1048,8 @@ def build_parser():
     g.add_argument("--min_doc_chars", type=int, default=MIN_DOC_CHARS, help=".txt paragraphs are grouped into "
                    "documents of at least this many characters (0: one per paragraph; default %(default)s)")
     g.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                   help="non-UTF-8 bytes: stop with an error (strict, default) or read them as U+FFFD (replace)")
+                   help="non-UTF-8 bytes (and JSON's lone surrogate escapes, \\ud800-\\udfff): stop with an "
+                   "error (strict, default) or read them as U+FFFD (replace)")
 
     d = verbs.add_parser("download", parents=[common], help="fetch a corpus into DATA_DIR/raw/NAME/",
                          description="Fetch a corpus into DATA_DIR/raw/NAME/ (verified; resumable; does nothing if "

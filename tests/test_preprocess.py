@@ -886,3 +886,20 @@ def test_cli_file_errors_are_one_line(built, tmp_path):
                preexec_fn=limited_file_size(2000))
     assert_clean_failure(proc, f"{data / f'tok{VOCAB}.model'}: File too large", "free some disk space")
     assert os.listdir(data) == []
+
+
+def test_json_lone_surrogate_escapes(built, tmp_path):
+    jl = tmp_path / "s.jsonl"
+    jl.write_text('{"text": "fine"}\n{"text": "broken emoji \\ud83d here"}\n{"text": "whole \\ud83d\\ude00 pair"}\n')
+    js = tmp_path / "s.json"
+    js.write_text('["fine", "lone \\udc00 low"]')
+    for path, where in ((jl, f"{jl}:2"), (js, f"{js}[1]")):
+        with pytest.raises(P.DataError, match=re.escape(where) + r": a lone surrogate .*--errors=replace"):
+            read_all([path])
+    assert read_all([jl], errors="replace") == ["fine", "broken emoji \ufffd here", "whole \U0001f600 pair"]
+    assert read_all([js], errors="replace") == ["fine", "lone \ufffd low"]
+    line = assert_clean_failure(cli("train_vocab", f"--vocab_size={VOCAB}", "--input", jl, "--data_dir", tmp_path / "d"),
+                                f"{jl}:2: a lone surrogate escape (\\ud83d)", "--errors=replace")
+    proc = cli("pretokenize", "--tokenizer", built["model"], "--input", jl, built["corpus_dir"], "--errors=replace",
+               "--data_dir", tmp_path / "d", "--num_workers=2", "--val_fraction=0.1")
+    assert proc.returncode == 0, proc.stderr
