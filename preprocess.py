@@ -192,9 +192,17 @@ def _read_json(path):
 # corpus reading
 
 
+# What preprocess.py itself writes into a data_dir, skipped when a directory given as --input holds one (`--input .`,
+# or the corpus folder used as --data_dir too): read as text, the tokenizer's notes (tok{N}.model.json) and the
+# shards' meta.json would change the corpus under the tokenizer trained on it, or stop pretokenize on a bad field.
+OWN_FILES = re.compile(r".+\.model\.json")         # train_vocab's notes beside a model (any --model_out)
+OWN_DIRS = re.compile(r"tok\d+(\.partial|\.old)?")  # pretokenize's shard folders, finished or not
+
+
 def expand_inputs(specs):
     """Files named by `specs` (files, directories searched recursively, globs), in a fixed order, no duplicates.
-    In directories only .txt/.jsonl/.json files count and hidden files/folders are skipped."""
+    In directories only .txt/.jsonl/.json files count; hidden files/folders and preprocess.py's own outputs
+    (OWN_FILES, OWN_DIRS) are skipped."""
     files = {}  # realpath -> the path as given: the first mention of a file wins
     for spec in specs:
         spec = os.path.expanduser(str(spec))
@@ -205,9 +213,9 @@ def expand_inputs(specs):
             if os.path.isdir(m):
                 found = []
                 for root, dirs, names in os.walk(m):
-                    dirs[:] = [d for d in dirs if not d.startswith(".")]
-                    found += [os.path.join(root, n) for n in names
-                              if not n.startswith(".") and n.endswith(INPUT_SUFFIXES)]
+                    dirs[:] = [d for d in dirs if not d.startswith(".") and not OWN_DIRS.fullmatch(d)]
+                    found += [os.path.join(root, n) for n in names if not n.startswith(".")
+                              and n.endswith(INPUT_SUFFIXES) and not OWN_FILES.fullmatch(n)]
                 found.sort(key=lambda f: os.path.relpath(f, m).split(os.sep))
             else:
                 found = [m]

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -903,3 +904,21 @@ def test_json_lone_surrogate_escapes(built, tmp_path):
     proc = cli("pretokenize", "--tokenizer", built["model"], "--input", jl, built["corpus_dir"], "--errors=replace",
                "--data_dir", tmp_path / "d", "--num_workers=2", "--val_fraction=0.1")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_inputs_skip_preprocess_outputs_in_the_same_folder(built, tmp_path):
+    dm = tmp_path / "dm"
+    shutil.copytree(built["corpus_dir"], dm)
+    args = (f"--vocab_size={VOCAB}", "--input", dm, "--data_dir", dm, "--min_doc_chars=300")
+    assert cli("train_vocab", *args).returncode == 0
+    proc = cli("train_vocab", *args)  # the tokenizer's notes beside it are not part of its corpus
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stderr
+    proc = cli("pretokenize", *args, "--val_fraction=0.1", "--num_workers=2")
+    assert proc.returncode == 0, proc.stderr
+    assert {f"tok{VOCAB}.model.json", f"tok{VOCAB}"} <= set(os.listdir(dm))
+    assert [os.path.relpath(f, dm) for f in P.expand_inputs([dm])] == \
+        [os.path.relpath(f, built["corpus_dir"]) for f in P.expand_inputs([built["corpus_dir"]])]
+    # run again: both are up to date, neither reads the other's outputs as text
+    for verb, extra in (("train_vocab", ()), ("pretokenize", ("--val_fraction=0.1", "--num_workers=2"))):
+        proc = cli(verb, *args, *extra)
+        assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stdout + proc.stderr
