@@ -860,11 +860,21 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
 # batches for training
 
 
-def _make_command(data_dir, vocab_size, meta):
+def _reading_options(args):
+    """The corpus reading options of parsed CLI args that differ from their defaults, as command-line text."""
+    opts = [f"--text_field={shlex.quote(args.text_field)}"] if args.text_field is not None else []
+    opts += ["--doc_per_file"] if args.doc_per_file else []
+    opts += [f"--min_doc_chars={args.min_doc_chars}"] if args.min_doc_chars != MIN_DOC_CHARS else []
+    opts += [f"--errors={args.errors}"] if args.errors != "strict" else []
+    return "".join(" " + o for o in opts)
+
+
+def _make_command(data_dir, vocab_size, meta, options=""):
     """The preprocess.py command(s) that make data_dir/tok{vocab_size}/, with the --input the data came from (as
     meta.json or the tokenizer's sidecar recorded it) unless it is the default, the one corpus under data_dir/raw/,
-    and meta.json's --val_fraction (a small corpus may need its larger one)."""
-    flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else f" --data_dir={data_dir}")
+    meta.json's --val_fraction (a small corpus may need its larger one) and the reading options given."""
+    flag = f"--vocab_size={vocab_size}" + ("" if os.path.normpath(data_dir) == DATA_DIR else
+                                           f" --data_dir={shlex.quote(str(data_dir))}")
     sidecar = _read_json(os.path.join(data_dir, f"tok{vocab_size}.model.json"))
     inputs = meta.get("inputs") or sidecar.get("inputs")
     default = None
@@ -874,6 +884,7 @@ def _make_command(data_dir, vocab_size, meta):
         flag += " --input " + shlex.join(inputs)
     elif not inputs and default is None:
         flag += " --input YOUR_TEXT_FILES"
+    flag += options
     steps = [] if os.path.exists(os.path.join(data_dir, f"tok{vocab_size}.model")) else [f"train_vocab {flag}"]
     val_fraction = meta.get("val_fraction", VAL_FRACTION)
     steps.append(f"pretokenize {flag}" + ("" if val_fraction == VAL_FRACTION else f" --val_fraction={val_fraction}"))
@@ -1095,11 +1106,16 @@ def _run(args):
         return download(args.name, args.data_dir, url=args.url, sha256=args.sha256, file=args.file)
     if args.verb == "pretokenize":  # the tokenizer first: reading the corpus can take a while
         if args.tokenizer is None and args.vocab_size is None:
-            raise DataError("pass --vocab_size=N (to use data/tokN.model) or --tokenizer=PATH")
+            raise DataError(f"pass --vocab_size=N (to use {os.path.join(args.data_dir, 'tokN.model')}) or "
+                            "--tokenizer=PATH")
+        if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+            raise DataError(f"--tokenizer {args.tokenizer}: no such file; give the path of a model train_vocab wrote")
         args.tokenizer = args.tokenizer or os.path.join(args.data_dir, f"tok{args.vocab_size}.model")
-        if not os.path.isfile(args.tokenizer):
-            raise DataError(f"tokenizer {args.tokenizer} not found: run `python preprocess.py train_vocab "
-                            f"--vocab_size={args.vocab_size or 'N'}` first, or pass --tokenizer=PATH")
+        if not os.path.isfile(args.tokenizer):  # the commands that make it, with this one's corpus and options
+            cmd = _make_command(args.data_dir, args.vocab_size, {"inputs": args.input,
+                                                                 "val_fraction": args.val_fraction},
+                                _reading_options(args))
+            raise DataError(f"tokenizer {args.tokenizer} not found: run `{cmd}`, or pass --tokenizer=PATH")
         n = Tokenizer(args.tokenizer).vocab_size
         if args.vocab_size not in (None, n):
             raise DataError(f"{args.tokenizer} has {n} pieces, not --vocab_size={args.vocab_size}")

@@ -922,3 +922,20 @@ def test_inputs_skip_preprocess_outputs_in_the_same_folder(built, tmp_path):
     for verb, extra in (("train_vocab", ()), ("pretokenize", ("--val_fraction=0.1", "--num_workers=2"))):
         proc = cli(verb, *args, *extra)
         assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_pretokenize_without_a_tokenizer_names_the_commands_for_this_corpus(built, tmp_path):
+    import shlex
+    dmine = tmp_path / "dmine"
+    corpus = built["corpus_dir"]
+    line = assert_clean_failure(cli("pretokenize", f"--vocab_size={VOCAB}", "--input", corpus, "--data_dir", dmine,
+                                    "--min_doc_chars=300", "--val_fraction=0.1", "--num_workers=2"),
+                                f"tokenizer {dmine / f'tok{VOCAB}.model'} not found")
+    cmd = re.search(r"`(.*)`", line).group(1)
+    assert f"--data_dir={dmine}" in cmd and f"--input {corpus}" in cmd and "--min_doc_chars=300" in cmd
+    for step in cmd.split(" && "):  # what it says works, and writes where this command looked
+        proc = cli(*shlex.split(step)[2:])
+        assert proc.returncode == 0, proc.stderr
+    assert meta_of(dmine / f"tok{VOCAB}")["inputs"] == [str(corpus)]
+    assert_clean_failure(cli("pretokenize", "--tokenizer", tmp_path / "none.model", "--input", corpus),
+                         f"--tokenizer {tmp_path / 'none.model'}: no such file")
