@@ -614,7 +614,7 @@ def train_vocab(vocab_size, corpus, model_out, sample_bytes=SAMPLE_BYTES, num_th
         root = os.path.dirname(model_out) or "."  # the shard folders beside it (tok*/) that were made with it
         shards = [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("tok")
                   and _read_json(os.path.join(root, d, "meta.json")).get("tokenizer_sha256") == sha]
-        deps = f"the shards in {', '.join(shards)} were made with it" if shards else "shards made with it"
+        deps = f"the shards made with it ({', '.join(shards)})" if shards else "any shards made with it"
         raise DataError(f"{model_out} already exists ({what}); a new tokenizer there would orphan {deps} and every "
                         "checkpoint trained on them (they could not resume on re-made shards). Write it elsewhere "
                         "(another --data_dir or --model_out), or pass --overwrite (then pretokenize again)")
