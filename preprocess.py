@@ -357,7 +357,7 @@ class Corpus:
         with open(path, "rb") as f:
             raw = f.read()
         self.bytes_read += len(raw)
-        text = _decode(raw, path, 0, self.errors)
+        text = _decode(raw, path, 0, self.errors).removeprefix("\ufeff")  # byte order mark, as in .txt and .jsonl
         del raw  # TinyStories shards are ~80 MB: drop each form of the file once the next one exists
         try:
             items = json.loads(text)

@@ -137,6 +137,9 @@ def test_txt_endoftext_bom_and_other_extensions(tmp_path):
     g = tmp_path / "notes.md"  # named explicitly: read as text even though a directory walk would skip it
     g.write_text("hello\n\nworld", encoding="utf-8")
     assert read_all([g], min_doc_chars=0) == ["hello", "world"]
+    for name, text in (("b.jsonl", '{"text": "one"}\n{"text": "two"}\n'), ("b.json", '["one", "two"]')):
+        (tmp_path / name).write_bytes(("\ufeff" + text).encode())  # as Windows editors save UTF-8
+        assert read_all([tmp_path / name]) == ["one", "two"]
 
 
 def test_jsonl_and_json(tmp_path):
