@@ -776,8 +776,8 @@ def pretokenize(tokenizer_path, corpus, data_dir=DATA_DIR, val_fraction=VAL_FRAC
                 num_workers=None):
     """Tokenize the corpus into {data_dir}/tok{N}/ shards plus meta.json; returns that folder. Skips the work when
     the folder already holds this corpus tokenized with this tokenizer and these settings."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val_fraction={val_fraction} must be at least 0 and below 1")
+    if not 0.0 < val_fraction < 1.0:  # 0 would leave the val split empty, which train.py needs to evaluate on
+        raise DataError(f"--val_fraction={val_fraction} must be above 0 and below 1")
     if shard_tokens < 1:
         raise DataError(f"--shard_tokens={shard_tokens} must be positive")
     tok = Tokenizer(tokenizer_path)

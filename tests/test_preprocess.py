@@ -448,7 +448,7 @@ def test_pretokenize_without_a_val_document_names_a_val_fraction_that_works(buil
     f = tmp_path / "three.jsonl"
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one fair day", "two fair days", "three"]))
     args = ("pretokenize", "--tokenizer", built["model"], "--input", f, "--data_dir", tmp_path / "d")
-    line = assert_clean_failure(cli(*args, "--val_fraction=0"), "went to the val split at --val_fraction=0.0")
+    line = assert_clean_failure(cli(*args, "--val_fraction=1e-9"), "went to the val split at --val_fraction=1e-09")
     fraction = re.search(r"use --val_fraction=(\S+) \(or add text\)$", line).group(1)
     assert os.listdir(tmp_path / "d") == []  # nothing written
     proc = cli(*args, f"--val_fraction={fraction}")  # what the message says works
@@ -459,7 +459,7 @@ def test_pretokenize_without_a_val_document_names_a_val_fraction_that_works(buil
     # one document per chunk: the chunks' lowest hashes are merged into the same advice; the shards stay as they were
     monkeypatch.setattr(P, "CHUNK_CHARS", 1)
     with pytest.raises(P.DataError, match=f"use --val_fraction={fraction} "):
-        P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "d"), val_fraction=0.0, num_workers=1)
+        P.pretokenize(built["model"], P.Corpus([f]), str(tmp_path / "d"), val_fraction=1e-9, num_workers=1)
     assert meta_of(tmp_path / "d" / f"tok{VOCAB}") == meta
     f.write_text(json.dumps({"text": "alone"}) + "\n")
     with pytest.raises(P.DataError, match="too few documents"):
@@ -506,8 +506,10 @@ def test_pretokenize_one_document_names_min_doc_chars(built, tmp_path):
 
 def test_pretokenize_bad_settings(built, tmp_path):
     corpus = P.Corpus([str(built["corpus_dir"] / "plays.txt")])
-    with pytest.raises(P.DataError, match="--val_fraction=1.0 must be"):
-        P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=1.0)
+    for bad in (0.0, 1.0, -0.1):  # refused before any tokenizing: no val split could come of them
+        with pytest.raises(P.DataError, match=f"--val_fraction={bad} must be above 0 and below 1"):
+            P.pretokenize(built["model"], corpus, str(tmp_path), val_fraction=bad)
+    assert os.listdir(tmp_path) == []
     with pytest.raises(SystemExit, match="not found"):
         P.pretokenize(str(tmp_path / "none.model"), corpus, str(tmp_path))
 
@@ -856,7 +858,7 @@ def test_cli_end_to_end_and_errors(built, tmp_path):
                                 "bad.txt: not valid UTF-8 at byte offset 10")
     assert "--errors=replace" in line
     proc = cli("pretokenize", "--vocab_size=380", "--data_dir", tmp_path / "d2", "--tokenizer", data / "tok380.model",
-               "--input", bad, "--errors=replace", "--val_fraction=0")
+               "--input", bad, "--errors=replace")
     assert proc.returncode != 0 and "too few documents" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("pretokenize", "--data_dir", data)
     assert_clean_failure(proc, "--vocab_size")
