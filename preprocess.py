@@ -36,6 +36,7 @@ import re
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -48,7 +49,6 @@ import urllib.request
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
-from tqdm.utils import CallbackIOWrapper
 
 # torch is imported only where batches are made (BatchStream): the pretokenize workers and the CLI stay light.
 
@@ -173,6 +173,43 @@ def _check_out_dir(path, fix):
         raise DataError(f"{probe} is a file, not a folder{inside}; {fix}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise DataError(f"{probe}: no permission to write there; {fix}")
+
+
+class _LocalWriteError(Exception):
+    """Writing a local file failed (a full disk, no permission): not the network's fault nor the archive's."""
+
+    def __init__(self, error, path):
+        super().__init__(error)
+        self.error, self.path = error, str(path)
+
+    def message(self, then):
+        full = self.error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+        return (f"{self.path}: {self.error.strerror or self.error}; {'free some disk space' if full else 'fix that'}"
+                f" and {then}")
+
+
+def _copy_to_file(src, path, mode="wb", progress=None):
+    """Copy the binary stream src into the file at path; src's own errors (a network's, an archive's) propagate as
+    they are, and a failure to write the file is raised as a _LocalWriteError."""
+    try:
+        f = open(path, mode)
+    except OSError as e:
+        raise _LocalWriteError(e, path) from None
+    try:
+        while block := src.read(1 << 20):
+            try:
+                f.write(block)
+            except OSError as e:
+                raise _LocalWriteError(e, path) from None
+            if progress:
+                progress(len(block))
+        try:
+            f.flush()
+        except OSError as e:
+            raise _LocalWriteError(e, path) from None
+    finally:
+        with contextlib.suppress(OSError):  # after a failed write, closing fails again (the same data): once is enough
+            f.close()
 
 
 def _write_json_atomic(path, obj):
@@ -467,10 +504,14 @@ def _extract(archive, out_dir, keep, desc):
             for m in tar:
                 if m.isfile() and keep(m.name):
                     dest = os.path.join(partial, os.path.basename(m.name))
-                    with tar.extractfile(m) as src, open(dest, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                    with tar.extractfile(m) as src:
+                        _copy_to_file(src, dest)
                     n += 1
                     bar.update(1)
+    except _LocalWriteError as e:  # a full disk is not the archive's fault
+        shutil.rmtree(partial, ignore_errors=True)
+        e.path = out_dir  # the hidden folder it was written in is gone
+        raise DataError(e.message(f"run the same command again ({archive} is kept)")) from None
     except (tarfile.TarError, OSError, EOFError) as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise DataError(f"{archive}: cannot read the archive ({e})") from None
@@ -498,14 +539,19 @@ def fetch(url, dest, sha256=None, retries=DOWNLOAD_RETRIES):
                     have = 0  # the server ignored the Range header and sends the whole file: start over
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                with open(part, "ab" if have else "wb") as f, _bar(desc=os.path.basename(dest), total=total,
-                                                                   initial=have, unit="B", unit_scale=True,
-                                                                   unit_divisor=1024) as bar:
-                    shutil.copyfileobj(resp, CallbackIOWrapper(bar.update, f, "write"), 1 << 20)
+                with _bar(desc=os.path.basename(dest), total=total, initial=have, unit="B", unit_scale=True,
+                          unit_divisor=1024) as bar:
+                    _copy_to_file(resp, part, "ab" if have else "wb", bar.update)
             if total is not None and os.path.getsize(part) < total:  # http.client does not notice this itself
                 raise ConnectionError(f"connection closed after {os.path.getsize(part)} of {total} bytes")
             break
-        except (OSError, http.client.HTTPException) as e:  # urllib's errors are OSErrors
+        except _LocalWriteError as e:  # a full disk or a folder we cannot write: retrying would not help
+            have = os.path.getsize(part) if os.path.exists(part) else 0
+            kept = f" ({have} bytes are kept in {part})" if have else ""
+            raise DataError(e.message(f"run the same command again to resume{kept}")) from None
+        # the network's errors (urllib's URLError and HTTPError, sockets' ConnectionError and TimeoutError, TLS');
+        # another OSError (a local file's) goes up as it is, to main()'s one-line message
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError) as e:
             if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:
                 break  # nothing left after what we have: the .part is complete (the sha256 check below decides)
             if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500:

@@ -951,3 +951,22 @@ def test_pretokenize_without_a_tokenizer_names_the_commands_for_this_corpus(buil
     assert meta_of(dmine / f"tok{VOCAB}")["inputs"] == [str(corpus)]
     assert_clean_failure(cli("pretokenize", "--tokenizer", tmp_path / "none.model", "--input", corpus),
                          f"--tokenizer {tmp_path / 'none.model'}: no such file")
+
+
+def test_download_local_write_errors_are_not_network_errors(server, tmp_path):
+    # a full disk while downloading: reported at once (no retries: they cannot help), and the .part is kept
+    server.requests.clear()
+    data = tmp_path / "d"
+    proc = cli("download", "tinystories", "--data_dir", data, "--url", server.url, "--sha256", server.sha,
+               preexec_fn=limited_file_size(1000))
+    line = assert_clean_failure(proc, "File too large; free some disk space and run the same command again to resume")
+    assert str(data / "downloads" / "TinyStories_all_data.tar.gz.part") in line
+    assert "interrupted" not in proc.stderr and len(server.requests) == 1
+    # ... and while extracting: the archive is fine, the disk is full
+    archive = tmp_path / "ts.tar.gz"
+    archive.write_bytes(server.archive)
+    proc = cli("download", "tinystories", "--data_dir", data, "--file", archive, "--sha256", server.sha,
+               preexec_fn=limited_file_size(1000))
+    line = assert_clean_failure(proc, f"{data / 'raw' / 'tinystories'}: File too large; free some disk space")
+    assert "cannot read the archive" not in line and f"{archive} is kept" in line
+    assert not (data / "raw").exists() or os.listdir(data / "raw") == []
