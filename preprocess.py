@@ -433,7 +433,7 @@ class Tokenizer:
                 with open(model_path, "rb") as f:
                     model_bytes = f.read()
             except OSError:
-                raise SystemExit(f"tokenizer {model_path} not found: make it with "
+                raise SystemExit(f"error: tokenizer {model_path} not found: make it with "
                                  f"`python preprocess.py train_vocab --vocab_size=N`") from None
         self.model_bytes = bytes(model_bytes)
         self.sp = spm.SentencePieceProcessor()
@@ -443,7 +443,8 @@ class Tokenizer:
         except RuntimeError:
             ok = False
         if not ok:
-            raise SystemExit(f"{model_path or 'tokenizer bytes'}: not a sentencepiece model")
+            raise SystemExit(f"error: {model_path or 'the tokenizer bytes'} is not a sentencepiece model; give the "
+                             "tokenizer the model was trained with (a tok<N>.model file from preprocess.py train_vocab)")
         self.path = None if model_path is None else str(model_path)
         self.sha256 = hashlib.sha256(self.model_bytes).hexdigest()
         self.vocab_size = self.sp.vocab_size()

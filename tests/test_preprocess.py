@@ -356,12 +356,12 @@ def test_train_vocab_refuses_impossible_sizes(built, tmp_path):
 
 
 def test_tokenizer_bad_files(tmp_path):
-    with pytest.raises(SystemExit, match="not found: make it with `python preprocess.py train_vocab"):
+    with pytest.raises(SystemExit, match="^error: tokenizer .* not found: make it with `python preprocess.py train_vocab"):
         P.Tokenizer(tmp_path / "nope.model")
     (tmp_path / "bad.model").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="not a sentencepiece model"):
+    with pytest.raises(SystemExit, match="^error: .* is not a sentencepiece model; give the tokenizer"):
         P.Tokenizer(tmp_path / "bad.model")
-    with pytest.raises(SystemExit, match="not a sentencepiece model"):
+    with pytest.raises(SystemExit, match="^error: .* is not a sentencepiece model; give the tokenizer"):
         P.Tokenizer.from_bytes(b"")
 
 # -----------------------------------------------------------------------------
