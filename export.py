@@ -376,6 +376,16 @@ def export_gguf(model, tok, path, dtype_name):
 
 # -----------------------------------------------------------------------------
 
+def same_file(a, b):
+    """Whether paths a and b name one file: the same path after symlinks, or (both existing) a hard link."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet)
+        return False
+
+
 def main():
     if format not in ("hf", "llama2c", "gguf"):
         fail(f"unknown --format {format!r}; choose hf (transformers), llama2c (run.c) or gguf (llama.cpp)")
@@ -392,6 +402,11 @@ def main():
     if format == "gguf" and dtype not in GGUF_DTYPES:
         fail(f"unknown --dtype {dtype!r} for --format gguf; choose f32, f16, bf16 or q8_0")
     for flag, path in (("--out", out if format != "hf" else ""), ("--tokenizer-out", tokenizer_out)):
+        for source_flag, source in (("--ckpt", ckpt), ("--tokenizer", tokenizer)):
+            if path and source and same_file(path, source):
+                # the export reads it, then would replace it: the checkpoint (or tokenizer) would be lost
+                fail(f"{flag} {path} is the {source_flag} file itself; writing there would destroy it: give "
+                     f"{flag} another path")
         if path and os.path.isdir(path):
             name = "tokenizer.bin" if flag == "--tokenizer-out" else "model.gguf" if format == "gguf" else "model.bin"
             fail(f"{flag} {path} is a directory; --format {format} writes a file there, e.g. {flag} "

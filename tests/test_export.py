@@ -437,3 +437,34 @@ def test_full_disk_is_one_line_and_keeps_the_earlier_file(world, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: could not write {out} (File too large); nothing there was replaced")
     assert out.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["model.bin"]
+
+
+def test_out_that_is_the_checkpoint_or_tokenizer_is_refused(world, tmp_path):
+    """Writing the export over its own input would destroy the checkpoint (or the --tokenizer file): refused, through
+    a symlink or a hard link too, before anything is written."""
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(open(world["ckpt"], "rb").read())
+    tok_model = tmp_path / "tok.model"
+    tok_model.write_bytes(world["tok"].model_bytes)
+    link = tmp_path / "link.gguf"
+    link.symlink_to(ckpt)
+    hard = tmp_path / "hard.bin"
+    os.link(ckpt, hard)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    cases = [
+        (["--format=llama2c", "--out", str(ckpt)], "--out", "--ckpt"),
+        (["--format=gguf", "--out", str(ckpt)], "--out", "--ckpt"),
+        (["--format=gguf", "--out", str(link)], "--out", "--ckpt"),
+        (["--format=llama2c", "--out", str(hard)], "--out", "--ckpt"),
+        (["--format=llama2c", "--out", str(tmp_path / "m.bin"), "--tokenizer-out", str(ckpt)], "--tokenizer-out",
+         "--ckpt"),
+        (["--format=llama2c", "--out", str(tmp_path / "m.bin"), f"--tokenizer={tok_model}", "--tokenizer-out",
+          str(tok_model)], "--tokenizer-out", "--tokenizer"),
+    ]
+    for argv, flag, source in cases:
+        with pytest.raises(SystemExit) as e:
+            run_main(export, ["--ckpt", str(ckpt), *argv])
+        message = str(e.value)
+        assert e.value.code == 2 and message.startswith(f"error: {flag} ") and "\n" not in message, (argv, message)
+        assert f"is the {source} file itself" in message, (argv, message)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing lost
