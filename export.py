@@ -401,6 +401,9 @@ def main():
         fail("llama2.c's version-0 model.bin is float32 only; drop --dtype")
     if format == "gguf" and dtype not in GGUF_DTYPES:
         fail(f"unknown --dtype {dtype!r} for --format gguf; choose f32, f16, bf16 or q8_0")
+    if tokenizer_out and same_file(out, tokenizer_out):
+        fail(f"--out and --tokenizer-out are the same file ({out}); the tokenizer would replace the model: give "
+             "each its own path, e.g. --out model.bin --tokenizer-out tokenizer.bin")
     for flag, path in (("--out", out if format != "hf" else ""), ("--tokenizer-out", tokenizer_out)):
         for source_flag, source in (("--ckpt", ckpt), ("--tokenizer", tokenizer)):
             if path and source and same_file(path, source):

@@ -468,3 +468,19 @@ def test_out_that_is_the_checkpoint_or_tokenizer_is_refused(world, tmp_path):
         assert e.value.code == 2 and message.startswith(f"error: {flag} ") and "\n" not in message, (argv, message)
         assert f"is the {source} file itself" in message, (argv, message)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing lost
+
+
+def test_out_and_tokenizer_out_the_same_file_is_refused(world, tmp_path):
+    """The tokenizer would replace the model just written, and the printed `./run` command could not work."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"an earlier export")
+    link = tmp_path / "link.bin"
+    link.symlink_to(model)
+    for tokenizer_out in (model, link):
+        with pytest.raises(SystemExit) as e:
+            run_main(export, ["--ckpt", world["ckpt"], "--format=llama2c", "--out", str(model), "--tokenizer-out",
+                              str(tokenizer_out)])
+        message = str(e.value)
+        assert e.value.code == 2 and "\n" not in message
+        assert message.startswith(f"error: --out and --tokenizer-out are the same file ({model})"), message
+    assert model.read_bytes() == b"an earlier export" and sorted(os.listdir(tmp_path)) == ["link.bin", "model.bin"]
