@@ -24,6 +24,7 @@ size). It needs the gguf package (llama.cpp's own writer), in the same extras:
 run.c hard-codes rope_theta 10000 and norm_eps 1e-5; a model trained with other values gets a warning.
 """
 
+import contextlib
 import itertools
 import json
 import os
@@ -192,21 +193,36 @@ def export_hf(model, tok, out_dir, dtype_name):
         "generation_config.json": json.dumps(hf_generation_config(tok), indent=2),
         **hf_tokenizer_files(tok.sp, tok, model.args.max_seq_len),
     }
-    # build everything beside the target first: a failure midway leaves an earlier export as it was
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}"
-    os.makedirs(tmp)
+    # build everything in a scratch folder inside the target first (its real path: a symlinked --out on another
+    # filesystem, or a parent we cannot write to, still works), then move each file into place: a failure midway
+    # leaves an earlier export as it was
+    created = not os.path.isdir(out_dir)
+    tmp, done = None, False
     try:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.realpath(out_dir), prefix=".export")
         for name, content in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
         weights = os.path.join(tmp, "model.safetensors")
         safetensors.torch.save_file(hf_state_dict(model, DTYPES[dtype_name]), weights, metadata={"format": "pt"})
         shutil.copymode(os.path.join(tmp, "config.json"), weights)  # safetensors makes it private; match the rest
-        os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        done = True
+    except OSError as e:  # name the file in --out, not the scratch folder
+        scratch = os.path.dirname(os.fspath(e.filename or ""))
+        if e.filename and tmp and scratch == tmp:
+            e.filename = os.path.join(out_dir, os.path.basename(os.fspath(e.filename)))
+        elif e.filename and scratch == os.path.realpath(out_dir):  # the scratch folder itself
+            e.filename = out_dir
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created and not done:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only if empty: a failed first export leaves no empty folder behind
     return sorted(["model.safetensors", *files])
 
 

@@ -2,14 +2,17 @@
 tokenization), to llama.cpp's GGUF (read back with the gguf package's reader; run in llama-cpp-python when it is
 installed) and to llama2.c's model.bin/tokenizer.bin (read back by a reader written from the format)."""
 
+import errno
 import importlib
 import itertools
 import json
 import os
+import shutil
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -484,3 +487,47 @@ def test_out_and_tokenizer_out_the_same_file_is_refused(world, tmp_path):
         assert e.value.code == 2 and "\n" not in message
         assert message.startswith(f"error: --out and --tokenizer-out are the same file ({model})"), message
     assert model.read_bytes() == b"an earlier export" and sorted(os.listdir(tmp_path)) == ["link.bin", "model.bin"]
+
+
+@pytest.fixture
+def other_filesystem_dir(tmp_path):
+    """A fresh folder on another filesystem than tmp_path (/dev/shm, a tmpfs on Linux), or a skip."""
+    shm = "/dev/shm"
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK) and os.stat(shm).st_dev != os.stat(tmp_path).st_dev):
+        pytest.skip("no writable /dev/shm on another filesystem than the temporary folder")
+    d = tempfile.mkdtemp(dir=shm, prefix="tinyllm-test")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hf_out_a_symlink_to_another_filesystem(world, tmp_path, other_filesystem_dir):
+    """Files built beside the symlink could not be renamed across filesystems (EXDEV): they are built inside the
+    target, and no scratch folder is left, inside or beside."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    link = tmp_path / "hflink"
+    link.symlink_to(other_filesystem_dir, target_is_directory=True)
+    export_hf(world["ckpt"], link)
+    assert link.is_symlink() and (link / "tokenizer.model").read_bytes() == world["tok"].model_bytes
+    names = sorted(os.listdir(other_filesystem_dir))
+    assert "model.safetensors" in names and not [n for n in names if n.startswith(".")], names
+    assert os.listdir(tmp_path) == ["hflink"]
+
+
+def test_hf_write_failure_names_the_out_file_and_keeps_the_earlier_export(world, tmp_path, monkeypatch):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    pytest.importorskip("transformers")
+    out = export_hf(world["ckpt"], tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(tensors, path, **kw):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(safetensors_torch, "save_file", full_disk)
+    with pytest.raises(OSError) as e:
+        export_hf(world["ckpt"], out, "bfloat16")
+    assert e.value.filename == os.path.join(str(out), "model.safetensors")  # what the user named, not a scratch path
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and os.listdir(tmp_path) == ["hf"]
+    with pytest.raises(OSError):  # a first export that fails leaves no empty folder
+        export_hf(world["ckpt"], tmp_path / "new", "bfloat16")
+    assert os.listdir(tmp_path) == ["hf"]
