@@ -333,14 +333,19 @@ def export_gguf(model, tok, path, dtype_name):
         import gguf
     except ImportError:
         fail("--format gguf needs the gguf package: pip install -r requirements-export.txt")
-    a, sp = model.args, tok.sp
     qtype_name, file_type_name = GGUF_DTYPES[dtype_name]
     qtype = gguf.GGMLQuantizationType[qtype_name]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # GGUFWriter wants a path of its own: it writes a scratch file, which then goes into place through the one
     # atomic writer (an earlier file survives a failure; a symlink is written through)
-    scratch = tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.realpath(path)), prefix=".gguf")
-    tmp = os.path.join(scratch.name, "model.gguf")
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.realpath(path)), prefix=".gguf") as scratch:
+        write_gguf(gguf, model, tok, os.path.join(scratch, "model.gguf"), path, qtype, file_type_name)
+    return qtype.name.lower()
+
+
+def write_gguf(gguf, model, tok, tmp, path, qtype, file_type_name):
+    """The GGUF file written to tmp (in a scratch folder), then atomically copied to path."""
+    a, sp = model.args, tok.sp
     w = gguf.GGUFWriter(tmp, "llama")
     try:
         w.add_name("tinyllm")
@@ -386,8 +391,6 @@ def export_gguf(model, tok, path, dtype_name):
             atomic_write(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
     finally:
         w.close()
-        scratch.cleanup()
-    return qtype.name.lower()
 
 
 # -----------------------------------------------------------------------------
@@ -460,6 +463,9 @@ if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C: every file is replaced only once it is complete, scratch files are removed
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     except OSError as e:  # a full disk, a read-only folder: every file is replaced only once it is complete
         raise SystemExit(f"error: could not write {e.filename or out} ({e.strerror or e}); nothing there was "
                          "replaced") from None

@@ -7,6 +7,7 @@ import importlib
 import itertools
 import json
 import os
+import runpy
 import shutil
 import stat
 import struct
@@ -531,3 +532,21 @@ def test_hf_write_failure_names_the_out_file_and_keeps_the_earlier_export(world,
     with pytest.raises(OSError):  # a first export that fails leaves no empty folder
         export_hf(world["ckpt"], tmp_path / "new", "bfloat16")
     assert os.listdir(tmp_path) == ["hf"]
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_scratch(world, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the GGUF is being made (simulated: GGUFWriter raises KeyboardInterrupt), through export.py's own
+    command line: 'interrupted', exit code 130, the earlier file intact, no scratch folder left behind."""
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"an earlier export")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gguf.GGUFWriter, "__init__", interrupt)
+    monkeypatch.setattr(sys, "argv", ["export.py", "--ckpt", world["ckpt"], "--format=gguf", "--out", str(out)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(REPO, "export.py"), run_name="__main__")
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    assert os.listdir(tmp_path) == ["model.gguf"] and out.read_bytes() == b"an earlier export"
