@@ -274,3 +274,15 @@ def test_stdout_encoding_without_the_characters_replaces_them(world):
                        env={**os.environ, "PYTHONIOENCODING": "cp1252"})
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode("cp1252").startswith("Zoë: ??? ?")
+
+
+def test_ckpt_a_run_folder_names_the_checkpoints_in_it(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    one_line_error(capsys, ["--ckpt", str(run)], f"{run} is a directory", "no ckpt.pt or best.pt")
+    (run / "best.pt").write_bytes(b"")
+    message = one_line_error(capsys, ["--ckpt", str(run)])
+    assert message == f"error: {run} is a directory; pass {run / 'best.pt'}"
+    (run / "ckpt.pt").write_bytes(b"")
+    message = one_line_error(capsys, ["--ckpt", str(run)])
+    assert message == f"error: {run} is a directory; pass {run / 'ckpt.pt'} or {run / 'best.pt'}"
