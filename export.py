@@ -10,6 +10,8 @@ Carry a tinyllm checkpoint to Hugging Face transformers, to llama.cpp (GGUF) or 
 --format hf writes a directory that loads offline with
     AutoModelForCausalLM.from_pretrained("hf_model")   # a LlamaForCausalLM
     AutoTokenizer.from_pretrained("hf_model")          # a Llama tokenizer that encodes like our sentencepiece model
+                                                       # (transformers 5.x: a text starting with a space gets one
+                                                       # '▁' fewer; tokenizer.json itself matches exactly)
 (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer.model, tokenizer_config.json,
 special_tokens_map.json). It needs the optional extras: pip install -r requirements-export.txt
 
