@@ -10,6 +10,8 @@ Carry a tinyllm checkpoint to Hugging Face transformers, to llama.cpp (GGUF) or 
 --format hf writes a directory that loads offline with
     AutoModelForCausalLM.from_pretrained("hf_model")   # a LlamaForCausalLM
     AutoTokenizer.from_pretrained("hf_model")          # a Llama tokenizer that encodes like our sentencepiece model
+                                                       # (transformers 5.x: a text starting with a space gets one
+                                                       # '▁' fewer; tokenizer.json itself matches exactly)
 (config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer.model, tokenizer_config.json,
 special_tokens_map.json). It needs the optional extras: pip install -r requirements-export.txt
 
@@ -24,6 +26,7 @@ size). It needs the gguf package (llama.cpp's own writer), in the same extras:
 run.c hard-codes rope_theta 10000 and norm_eps 1e-5; a model trained with other values gets a warning.
 """
 
+import contextlib
 import itertools
 import json
 import os
@@ -192,21 +195,36 @@ def export_hf(model, tok, out_dir, dtype_name):
         "generation_config.json": json.dumps(hf_generation_config(tok), indent=2),
         **hf_tokenizer_files(tok.sp, tok, model.args.max_seq_len),
     }
-    # build everything beside the target first: a failure midway leaves an earlier export as it was
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}"
-    os.makedirs(tmp)
+    # build everything in a scratch folder inside the target first (its real path: a symlinked --out on another
+    # filesystem, or a parent we cannot write to, still works), then move each file into place: a failure midway
+    # leaves an earlier export as it was
+    created = not os.path.isdir(out_dir)
+    tmp, done = None, False
     try:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.realpath(out_dir), prefix=".export")
         for name, content in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
         weights = os.path.join(tmp, "model.safetensors")
         safetensors.torch.save_file(hf_state_dict(model, DTYPES[dtype_name]), weights, metadata={"format": "pt"})
         shutil.copymode(os.path.join(tmp, "config.json"), weights)  # safetensors makes it private; match the rest
-        os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        done = True
+    except OSError as e:  # name the file in --out, not the scratch folder
+        scratch = os.path.dirname(os.fspath(e.filename or ""))
+        if e.filename and tmp and scratch == tmp:
+            e.filename = os.path.join(out_dir, os.path.basename(os.fspath(e.filename)))
+        elif e.filename and scratch == os.path.realpath(out_dir):  # the scratch folder itself
+            e.filename = out_dir
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created and not done:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only if empty: a failed first export leaves no empty folder behind
     return sorted(["model.safetensors", *files])
 
 
@@ -317,14 +335,19 @@ def export_gguf(model, tok, path, dtype_name):
         import gguf
     except ImportError:
         fail("--format gguf needs the gguf package: pip install -r requirements-export.txt")
-    a, sp = model.args, tok.sp
     qtype_name, file_type_name = GGUF_DTYPES[dtype_name]
     qtype = gguf.GGMLQuantizationType[qtype_name]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # GGUFWriter wants a path of its own: it writes a scratch file, which then goes into place through the one
     # atomic writer (an earlier file survives a failure; a symlink is written through)
-    scratch = tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.realpath(path)), prefix=".gguf")
-    tmp = os.path.join(scratch.name, "model.gguf")
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.realpath(path)), prefix=".gguf") as scratch:
+        write_gguf(gguf, model, tok, os.path.join(scratch, "model.gguf"), path, qtype, file_type_name)
+    return qtype.name.lower()
+
+
+def write_gguf(gguf, model, tok, tmp, path, qtype, file_type_name):
+    """The GGUF file written to tmp (in a scratch folder), then atomically copied to path."""
+    a, sp = model.args, tok.sp
     w = gguf.GGUFWriter(tmp, "llama")
     try:
         w.add_name("tinyllm")
@@ -370,11 +393,19 @@ def export_gguf(model, tok, path, dtype_name):
             atomic_write(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
     finally:
         w.close()
-        scratch.cleanup()
-    return qtype.name.lower()
 
 
 # -----------------------------------------------------------------------------
+
+def same_file(a, b):
+    """Whether paths a and b name one file: the same path after symlinks, or (both existing) a hard link."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet)
+        return False
+
 
 def main():
     if format not in ("hf", "llama2c", "gguf"):
@@ -391,7 +422,15 @@ def main():
         fail("llama2.c's version-0 model.bin is float32 only; drop --dtype")
     if format == "gguf" and dtype not in GGUF_DTYPES:
         fail(f"unknown --dtype {dtype!r} for --format gguf; choose f32, f16, bf16 or q8_0")
+    if tokenizer_out and same_file(out, tokenizer_out):
+        fail(f"--out and --tokenizer-out are the same file ({out}); the tokenizer would replace the model: give "
+             "each its own path, e.g. --out model.bin --tokenizer-out tokenizer.bin")
     for flag, path in (("--out", out if format != "hf" else ""), ("--tokenizer-out", tokenizer_out)):
+        for source_flag, source in (("--ckpt", ckpt), ("--tokenizer", tokenizer)):
+            if path and source and same_file(path, source):
+                # the export reads it, then would replace it: the checkpoint (or tokenizer) would be lost
+                fail(f"{flag} {path} is the {source_flag} file itself; writing there would destroy it: give "
+                     f"{flag} another path")
         if path and os.path.isdir(path):
             name = "tokenizer.bin" if flag == "--tokenizer-out" else "model.gguf" if format == "gguf" else "model.bin"
             fail(f"{flag} {path} is a directory; --format {format} writes a file there, e.g. {flag} "
@@ -426,6 +465,9 @@ if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C: every file is replaced only once it is complete, scratch files are removed
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     except OSError as e:  # a full disk, a read-only folder: every file is replaced only once it is complete
         raise SystemExit(f"error: could not write {e.filename or out} ({e.strerror or e}); nothing there was "
                          "replaced") from None

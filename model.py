@@ -983,6 +983,11 @@ def save_checkpoint(ckpt, path):
 def load_checkpoint(path, map_location="cpu"):
     """Load a tinyllm checkpoint safely (weights_only: tensors and plain data, never pickled code)."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # a run folder: name the checkpoints in it
+        found = [name for name in ("ckpt.pt", "best.pt") if os.path.isfile(os.path.join(path, name))]
+        where = (" or ".join(os.path.join(path, name) for name in found) if found else
+                 "a checkpoint file (it holds no ckpt.pt or best.pt)")
+        raise SystemExit(f"error: {path} is a directory; pass {where}")
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py configs/tiny.py` "
                          "or pass the right --ckpt")

@@ -119,10 +119,19 @@ def stream_sample(model, tok, ids, write, max_new_tokens, temperature=1.0, top_k
     return new, first_at
 
 
+class StdoutFailed(Exception):
+    """Writing the sample to stdout failed (a full disk, /dev/full), as opposed to the reader going away."""
+
+
 def write_stdout(text):
     if text:
-        sys.stdout.write(text)
-        sys.stdout.flush()  # show each token as it comes, even through a pipe
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()  # show each token as it comes, even through a pipe
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutFailed(f"could not write the sample to stdout ({e.strerror or e})") from None
 
 
 def main():
@@ -163,6 +172,10 @@ def main():
 
 
 if __name__ == "__main__":
+    if hasattr(sys.stdout, "reconfigure"):
+        # a character the output encoding lacks (cp1252 when Windows redirects, the U+FFFD of a partial UTF-8
+        # sequence) becomes '?', not a UnicodeEncodeError
+        sys.stdout.reconfigure(errors="replace")
     configure(globals(), sys.argv[1:])
     try:
         main()
@@ -171,4 +184,8 @@ if __name__ == "__main__":
         sys.exit(130)
     except BrokenPipeError:  # the reader went away (sample.py | head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except StdoutFailed as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop what is buffered: no retry at exit
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

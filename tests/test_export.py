@@ -2,14 +2,18 @@
 tokenization), to llama.cpp's GGUF (read back with the gguf package's reader; run in llama-cpp-python when it is
 installed) and to llama2.c's model.bin/tokenizer.bin (read back by a reader written from the format)."""
 
+import errno
 import importlib
 import itertools
 import json
 import os
+import runpy
+import shutil
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -437,3 +441,112 @@ def test_full_disk_is_one_line_and_keeps_the_earlier_file(world, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: could not write {out} (File too large); nothing there was replaced")
     assert out.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["model.bin"]
+
+
+def test_out_that_is_the_checkpoint_or_tokenizer_is_refused(world, tmp_path):
+    """Writing the export over its own input would destroy the checkpoint (or the --tokenizer file): refused, through
+    a symlink or a hard link too, before anything is written."""
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(open(world["ckpt"], "rb").read())
+    tok_model = tmp_path / "tok.model"
+    tok_model.write_bytes(world["tok"].model_bytes)
+    link = tmp_path / "link.gguf"
+    link.symlink_to(ckpt)
+    hard = tmp_path / "hard.bin"
+    os.link(ckpt, hard)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    cases = [
+        (["--format=llama2c", "--out", str(ckpt)], "--out", "--ckpt"),
+        (["--format=gguf", "--out", str(ckpt)], "--out", "--ckpt"),
+        (["--format=gguf", "--out", str(link)], "--out", "--ckpt"),
+        (["--format=llama2c", "--out", str(hard)], "--out", "--ckpt"),
+        (["--format=llama2c", "--out", str(tmp_path / "m.bin"), "--tokenizer-out", str(ckpt)], "--tokenizer-out",
+         "--ckpt"),
+        (["--format=llama2c", "--out", str(tmp_path / "m.bin"), f"--tokenizer={tok_model}", "--tokenizer-out",
+          str(tok_model)], "--tokenizer-out", "--tokenizer"),
+    ]
+    for argv, flag, source in cases:
+        with pytest.raises(SystemExit) as e:
+            run_main(export, ["--ckpt", str(ckpt), *argv])
+        message = str(e.value)
+        assert e.value.code == 2 and message.startswith(f"error: {flag} ") and "\n" not in message, (argv, message)
+        assert f"is the {source} file itself" in message, (argv, message)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing lost
+
+
+def test_out_and_tokenizer_out_the_same_file_is_refused(world, tmp_path):
+    """The tokenizer would replace the model just written, and the printed `./run` command could not work."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"an earlier export")
+    link = tmp_path / "link.bin"
+    link.symlink_to(model)
+    for tokenizer_out in (model, link):
+        with pytest.raises(SystemExit) as e:
+            run_main(export, ["--ckpt", world["ckpt"], "--format=llama2c", "--out", str(model), "--tokenizer-out",
+                              str(tokenizer_out)])
+        message = str(e.value)
+        assert e.value.code == 2 and "\n" not in message
+        assert message.startswith(f"error: --out and --tokenizer-out are the same file ({model})"), message
+    assert model.read_bytes() == b"an earlier export" and sorted(os.listdir(tmp_path)) == ["link.bin", "model.bin"]
+
+
+@pytest.fixture
+def other_filesystem_dir(tmp_path):
+    """A fresh folder on another filesystem than tmp_path (/dev/shm, a tmpfs on Linux), or a skip."""
+    shm = "/dev/shm"
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK) and os.stat(shm).st_dev != os.stat(tmp_path).st_dev):
+        pytest.skip("no writable /dev/shm on another filesystem than the temporary folder")
+    d = tempfile.mkdtemp(dir=shm, prefix="tinyllm-test")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hf_out_a_symlink_to_another_filesystem(world, tmp_path, other_filesystem_dir):
+    """Files built beside the symlink could not be renamed across filesystems (EXDEV): they are built inside the
+    target, and no scratch folder is left, inside or beside."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    link = tmp_path / "hflink"
+    link.symlink_to(other_filesystem_dir, target_is_directory=True)
+    export_hf(world["ckpt"], link)
+    assert link.is_symlink() and (link / "tokenizer.model").read_bytes() == world["tok"].model_bytes
+    names = sorted(os.listdir(other_filesystem_dir))
+    assert "model.safetensors" in names and not [n for n in names if n.startswith(".")], names
+    assert os.listdir(tmp_path) == ["hflink"]
+
+
+def test_hf_write_failure_names_the_out_file_and_keeps_the_earlier_export(world, tmp_path, monkeypatch):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    pytest.importorskip("transformers")
+    out = export_hf(world["ckpt"], tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(tensors, path, **kw):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(safetensors_torch, "save_file", full_disk)
+    with pytest.raises(OSError) as e:
+        export_hf(world["ckpt"], out, "bfloat16")
+    assert e.value.filename == os.path.join(str(out), "model.safetensors")  # what the user named, not a scratch path
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and os.listdir(tmp_path) == ["hf"]
+    with pytest.raises(OSError):  # a first export that fails leaves no empty folder
+        export_hf(world["ckpt"], tmp_path / "new", "bfloat16")
+    assert os.listdir(tmp_path) == ["hf"]
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_scratch(world, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the GGUF is being made (simulated: GGUFWriter raises KeyboardInterrupt), through export.py's own
+    command line: 'interrupted', exit code 130, the earlier file intact, no scratch folder left behind."""
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"an earlier export")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gguf.GGUFWriter, "__init__", interrupt)
+    monkeypatch.setattr(sys, "argv", ["export.py", "--ckpt", world["ckpt"], "--format=gguf", "--out", str(out)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(REPO, "export.py"), run_name="__main__")
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    assert os.listdir(tmp_path) == ["model.gguf"] and out.read_bytes() == b"an earlier export"

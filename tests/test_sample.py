@@ -253,3 +253,36 @@ def test_command_line(world, tmp_path):
     bad = run("--ckpt", world["ckpt"], "--top_p=0")  # a setting error: exit code 2, as the configurator's
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --top_p must be in (0, 1] (1.0 turns "
                                                                         "it off), not 0.0"]
+
+
+def test_stdout_that_fails_is_one_line(world):
+    """A full disk behind stdout (/dev/full) is a one-line error, not a traceback."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this platform")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "sample.py", "--ckpt", world["ckpt"], "--max_new_tokens=5"], cwd=REPO,
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == "error: could not write the sample to stdout (No space left on device)"
+
+
+def test_stdout_encoding_without_the_characters_replaces_them(world):
+    """stdout in an encoding that lacks some characters (cp1252: Windows redirecting to a file) prints '?' for
+    them instead of failing with UnicodeEncodeError."""
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", world["ckpt"], "--start", "Zoë: 日本語 🙂",
+                        "--max_new_tokens=5", "--temperature=0"], cwd=REPO, capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode("cp1252").startswith("Zoë: ??? ?")
+
+
+def test_ckpt_a_run_folder_names_the_checkpoints_in_it(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    one_line_error(capsys, ["--ckpt", str(run)], f"{run} is a directory", "no ckpt.pt or best.pt")
+    (run / "best.pt").write_bytes(b"")
+    message = one_line_error(capsys, ["--ckpt", str(run)])
+    assert message == f"error: {run} is a directory; pass {run / 'best.pt'}"
+    (run / "ckpt.pt").write_bytes(b"")
+    message = one_line_error(capsys, ["--ckpt", str(run)])
+    assert message == f"error: {run} is a directory; pass {run / 'ckpt.pt'} or {run / 'best.pt'}"
