@@ -197,12 +197,15 @@ def export_hf(model, tok, out_dir, dtype_name):
     }
     # build everything in a scratch folder inside the target first (its real path: a symlinked --out on another
     # filesystem, or a parent we cannot write to, still works), then move each file into place: a failure midway
-    # leaves an earlier export as it was
+    # leaves an earlier export as it was. One name for it, so that what a killed export left is removed here (a
+    # hidden folder would otherwise go along with `hf upload` of the export)
     created = not os.path.isdir(out_dir)
     tmp, done = None, False
     try:
         os.makedirs(out_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.realpath(out_dir), prefix=".export")
+        tmp = os.path.join(os.path.realpath(out_dir), ".export.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp)
         for name, content in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(content if isinstance(content, bytes) else content.encode("utf-8"))

@@ -36,7 +36,6 @@ import re
 import shlex
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tarfile
@@ -170,7 +169,7 @@ def _check_out_dir(path, fix):
     probe = probe or "."
     if not os.path.isdir(probe):
         inside = "" if probe == path else f", so {path} cannot be made inside it"
-        raise DataError(f"{probe} is a file, not a folder{inside}; {fix}")
+        raise DataError(f"{probe} is not a folder{inside}; {fix}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise DataError(f"{probe}: no permission to write there; {fix}")
 
@@ -204,7 +203,7 @@ def _copy_to_file(src, path, mode="wb", progress=None):
             if progress:
                 progress(len(block))
         try:
-            f.flush()
+            f.close()  # (a full disk or quota may show only here: NFS reports at close)
         except OSError as e:
             raise _LocalWriteError(e, path) from None
     finally:
@@ -232,14 +231,19 @@ def _read_json(path):
 # What preprocess.py itself writes into a data_dir, skipped when a directory given as --input holds one (`--input .`,
 # or the corpus folder used as --data_dir too): read as text, the tokenizer's notes (tok{N}.model.json) and the
 # shards' meta.json would change the corpus under the tokenizer trained on it, or stop pretokenize on a bad field.
-OWN_FILES = re.compile(r".+\.model\.json")         # train_vocab's notes beside a model (any --model_out)
-OWN_DIRS = re.compile(r"tok\d+(\.partial|\.old)?")  # pretokenize's shard folders, finished or not
+# Only what is certainly ours is skipped: a folder named tok2048 or a notes.model.json of the user's is still read.
+def _own_output(root, name, is_dir):
+    path = os.path.join(root, name)
+    if is_dir:  # pretokenize's shard folders: finished (with their meta.json) or not
+        return bool(re.fullmatch(r"tok\d+\.(partial|old)", name)) or (
+            bool(re.fullmatch(r"tok\d+", name)) and os.path.isfile(os.path.join(path, "meta.json")))
+    return name.endswith(".model.json") and os.path.isfile(path.removesuffix(".json"))  # train_vocab's notes
 
 
 def expand_inputs(specs):
     """Files named by `specs` (files, directories searched recursively, globs), in a fixed order, no duplicates.
     In directories only .txt/.jsonl/.json files count; hidden files/folders and preprocess.py's own outputs
-    (OWN_FILES, OWN_DIRS) are skipped."""
+    (_own_output) are skipped."""
     files = {}  # realpath -> the path as given: the first mention of a file wins
     for spec in specs:
         spec = os.path.expanduser(str(spec))
@@ -250,9 +254,9 @@ def expand_inputs(specs):
             if os.path.isdir(m):
                 found = []
                 for root, dirs, names in os.walk(m):
-                    dirs[:] = [d for d in dirs if not d.startswith(".") and not OWN_DIRS.fullmatch(d)]
+                    dirs[:] = [d for d in dirs if not d.startswith(".") and not _own_output(root, d, True)]
                     found += [os.path.join(root, n) for n in names if not n.startswith(".")
-                              and n.endswith(INPUT_SUFFIXES) and not OWN_FILES.fullmatch(n)]
+                              and n.endswith(INPUT_SUFFIXES) and not _own_output(root, n, False)]
                 found.sort(key=lambda f: os.path.relpath(f, m).split(os.sep))
             else:
                 found = [m]
@@ -550,9 +554,9 @@ def fetch(url, dest, sha256=None, retries=DOWNLOAD_RETRIES):
             have = os.path.getsize(part) if os.path.exists(part) else 0
             kept = f" ({have} bytes are kept in {part})" if have else ""
             raise DataError(e.message(f"run the same command again to resume{kept}")) from None
-        # the network's errors (urllib's URLError and HTTPError, sockets' ConnectionError and TimeoutError, TLS');
-        # another OSError (a local file's) goes up as it is, to main()'s one-line message
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError) as e:
+        # the rest is the network's (urllib's errors, a socket's reset, timeout or unreachable host are OSErrors;
+        # a local file's failed write came as the _LocalWriteError above)
+        except (OSError, http.client.HTTPException) as e:
             if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:
                 break  # nothing left after what we have: the .part is complete (the sha256 check below decides)
             if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500:
@@ -598,8 +602,10 @@ def download(name="shakespeare", data_dir=DATA_DIR, url=None, sha256=None, file=
             url = url or TINYSTORIES_URL
             # the archive is kept (outside raw/, so it is not mistaken for a corpus) so extraction can be redone
             # named after the URL's path: not its ?query (a mirror's "?download=true") or #fragment
-            name_in_url = urllib.parse.unquote(os.path.basename(urllib.parse.urlsplit(url).path.rstrip("/")))
-            archive = file or os.path.join(data_dir, "downloads", name_in_url or "tinystories.tar.gz")
+            name_in_url = os.path.basename(urllib.parse.unquote(urllib.parse.urlsplit(url).path).rstrip("/"))
+            if name_in_url in ("", ".", ".."):  # (a URL that names no file: never a path outside downloads/)
+                name_in_url = "tinystories.tar.gz"
+            archive = file or os.path.join(data_dir, "downloads", name_in_url)
             if file:
                 _verify(file, sha256, ours=False)
             elif not os.path.exists(archive):

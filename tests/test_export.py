@@ -532,6 +532,12 @@ def test_hf_write_failure_names_the_out_file_and_keeps_the_earlier_export(world,
     with pytest.raises(OSError):  # a first export that fails leaves no empty folder
         export_hf(world["ckpt"], tmp_path / "new", "bfloat16")
     assert os.listdir(tmp_path) == ["hf"]
+    # what an export killed midway left (its scratch folder inside the export) goes with the next export
+    monkeypatch.undo()
+    (out / ".export.partial").mkdir()
+    (out / ".export.partial" / "model.safetensors").write_bytes(b"half of one")
+    export_hf(world["ckpt"], out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_no_scratch(world, tmp_path, monkeypatch, capsys):

@@ -777,6 +777,11 @@ def test_download_names_the_archive_after_the_url_path(server, tmp_path):
     url = server.url.replace("/TinyStories_all_data.tar.gz", "/mirror/ts.tar.gz?download=true")
     P.download("tinystories", data_dir=str(tmp_path), url=url, sha256=server.sha)
     assert os.listdir(tmp_path / "downloads") == ["ts.tar.gz"]
+    # a URL whose path names no file, or escapes with %2F..: the archive stays in downloads/ under a name of ours
+    server.files["/mirror/..%2F..%2Fevil.tar.gz"] = server.archive
+    P.download("tinystories", data_dir=str(tmp_path / "b"), url=server.url.replace(
+        "/TinyStories_all_data.tar.gz", "/mirror/..%2F..%2Fevil.tar.gz"), sha256=server.sha)
+    assert os.listdir(tmp_path / "b" / "downloads") == ["evil.tar.gz"] and not (tmp_path / "evil.tar.gz").exists()
 
 
 def make_fake_sdist(path):
@@ -880,10 +885,10 @@ def test_cli_file_errors_are_one_line(built, tmp_path):
     corpus = built["corpus_dir"] / "plays.txt"
     # a file where the output folder goes: refused before the tokenizer is trained, and the file is left alone
     proc = cli("train_vocab", f"--vocab_size={VOCAB}", "--input", corpus, "--data_dir", afile)
-    assert_clean_failure(proc, f"{afile} is a file, not a folder", "--data_dir")
+    assert_clean_failure(proc, f"{afile} is not a folder", "--data_dir")
     assert "training" not in proc.stdout
     proc = cli("pretokenize", "--tokenizer", built["model"], "--input", corpus, "--data_dir", afile)
-    assert_clean_failure(proc, f"{afile} is a file, not a folder", "--data_dir")
+    assert_clean_failure(proc, f"{afile} is not a folder", "--data_dir")
     assert afile.read_text() == "not a folder"
     # a broken symbolic link, named explicitly or found in a directory
     links = tmp_path / "links"
@@ -934,6 +939,34 @@ def test_inputs_skip_preprocess_outputs_in_the_same_folder(built, tmp_path):
     for verb, extra in (("train_vocab", ()), ("pretokenize", ("--val_fraction=0.1", "--num_workers=2"))):
         proc = cli(verb, *args, *extra)
         assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stdout + proc.stderr
+    # only what is preprocess.py's: a user's folder named like a shard folder, or notes named like a tokenizer's,
+    # are part of the corpus
+    (dm / "tok7").mkdir()
+    (dm / "tok7" / "kept.txt").write_text("A folder of the user's.")
+    (dm / "notes.model.json").write_text('["notes of the user\'s"]')
+    assert {"tok7/kept.txt", "notes.model.json"} <= {os.path.relpath(f, dm) for f in P.expand_inputs([dm])}
+
+
+def test_download_and_copy_errors_are_told_apart(tmp_path, monkeypatch):
+    """A network error from the socket (a plain OSError such as an unreachable network) is retried as any dropped
+    connection is; a write that fails only when the file is closed (NFS, quotas) is a local write error."""
+    class Unreachable(io.BytesIO):
+        headers, status = {}, 200
+        def read(self, *a):
+            raise OSError(errno.ENETUNREACH, "Network is unreachable")
+    calls = []
+    monkeypatch.setattr(P.urllib.request, "urlopen", lambda *a, **k: calls.append(1) or Unreachable())
+    monkeypatch.setattr(P.time, "sleep", lambda s: None)
+    with pytest.raises(P.DataError, match=r"download of .* failed \(\[Errno \d+\] Network is unreachable\)"):
+        P.fetch("http://127.0.0.1:9/x.tar.gz", str(tmp_path / "x.tar.gz"), sha256="none", retries=2)
+    assert len(calls) == 3
+
+    class ClosesFull(io.BytesIO):
+        def close(self):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(P, "open", lambda *a, **k: ClosesFull(), raising=False)
+    with pytest.raises(P._LocalWriteError):
+        P._copy_to_file(io.BytesIO(b"data"), tmp_path / "y")
 
 
 def test_pretokenize_without_a_tokenizer_names_the_commands_for_this_corpus(built, tmp_path):
