@@ -174,6 +174,14 @@ def _check_out_dir(path, fix):
         raise DataError(f"{probe}: no permission to write there; {fix}")
 
 
+def _file_error(error, path, then):
+    """One line for a file that could not be read or written (error: the OSError): where, why, and what to do
+    (free some disk space when it is full), and then `then`."""
+    full = error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+    return (f"{f'{path}: ' if path else ''}{error.strerror or error}; "
+            f"{'free some disk space' if full else 'fix that'} and {then}")
+
+
 class _LocalWriteError(Exception):
     """Writing a local file failed (a full disk, no permission): not the network's fault nor the archive's."""
 
@@ -182,9 +190,7 @@ class _LocalWriteError(Exception):
         self.error, self.path = error, str(path)
 
     def message(self, then):
-        full = self.error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
-        return (f"{self.path}: {self.error.strerror or self.error}; {'free some disk space' if full else 'fix that'}"
-                f" and {then}")
+        return _file_error(self.error, self.path, then)
 
 
 def _copy_to_file(src, path, mode="wb", progress=None):
@@ -1191,11 +1197,8 @@ def main(argv=None):
     except DataError as e:
         raise SystemExit(f"preprocess.py {args.verb}: {e}") from None
     except OSError as e:  # a file that cannot be read or written (permissions, a full disk, a file for a folder)
-        where = f"{e.filename}: " if e.filename else ""
-        full = e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
-        fix = "free some disk space" if full else "fix that"
-        raise SystemExit(f"preprocess.py {args.verb}: {where}{e.strerror or e}; {fix} and run the same command "
-                         "again") from None
+        raise SystemExit(f"preprocess.py {args.verb}: "
+                         + _file_error(e, e.filename, "run the same command again")) from None
     except KeyboardInterrupt:
         raise SystemExit(f"preprocess.py {args.verb}: interrupted; run the same command again") from None
 
